@@ -1,0 +1,101 @@
+"""Opening the store: an engine, a session factory, migrations applied at start."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from limen.errors import StoreError
+from limen.store.models import Base, ConfigVersion
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+class Store:
+    """The database. Thread-safe: each unit of work opens its own session."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        kwargs: dict[str, object] = {"future": True}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        else:
+            kwargs["pool_pre_ping"] = True
+        self.engine: Engine = create_engine(url, **kwargs)  # type: ignore[arg-type]
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.url.startswith("sqlite")
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest revision (Alembic)."""
+        from alembic import command
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        cfg.attributes["engine"] = self.engine
+        try:
+            command.upgrade(cfg, "head")
+        except SQLAlchemyError as exc:
+            raise StoreError(f"migration failed: {exc}") from exc
+
+    def create_all_for_tests(self) -> None:
+        Base.metadata.create_all(self.engine)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A unit of work: committed on success, rolled back on any error."""
+        session = self._sessions()
+        try:
+            yield session
+            session.commit()
+        except SQLAlchemyError as exc:
+            session.rollback()
+            raise StoreError(f"database error: {exc.__class__.__name__}") from exc
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    def bump_config_version(self, session: Session) -> None:
+        """Mark configuration as changed (inside the caller's unit of work)."""
+        row = session.get(ConfigVersion, 1)
+        if row is None:
+            session.add(ConfigVersion(id=1, version=1, changed_at=time.time()))
+        else:
+            row.version += 1
+            row.changed_at = time.time()
+
+    def config_version(self) -> int:
+        with self.session() as s:
+            row = s.scalar(select(ConfigVersion.version).where(ConfigVersion.id == 1))
+            return int(row or 0)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_conn: object, _record: object) -> None:
+    cur = dbapi_conn.cursor()  # type: ignore[attr-defined]
+    # WAL lets readers (the edge's snapshot loads) run while the log writer writes.
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def token_hash(token: str) -> str:
+    """How secrets (refresh tokens, enrollment tokens, API tokens) are stored: SHA-256."""
+    return hashlib.sha256(token.encode()).hexdigest()
