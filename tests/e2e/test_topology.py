@@ -13,7 +13,15 @@ import subprocess
 import pytest
 
 from .netns import Host, Topology, require_root_and_tools
-from .servers import Iperf3Info, NginxInfo, SshdInfo, start_nginx, start_sshd
+from .servers import (
+    Iperf3Info,
+    NginxInfo,
+    SrvRecord,
+    SshdInfo,
+    start_dnsmasq,
+    start_nginx,
+    start_sshd,
+)
 
 # curl exit codes for "could not connect" (7), "timed out" (28) and "no route" variants.
 _CURL_CONNECT_FAILURES = {7, 28}
@@ -131,3 +139,27 @@ def test_prerequisites_fail_in_ci_and_skip_elsewhere(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("CI", "false")
     with pytest.raises(pytest.skip.Exception, match="no-such-tool-xyz"):
         require_root_and_tools("no-such-tool-xyz")
+
+
+def test_private_dns_answers_branch_only(topology: Topology) -> None:
+    require_root_and_tools("dnsmasq", "dig")
+    dns = start_dnsmasq(
+        topology.lan,
+        {"app.corp.test": "198.18.3.10"},
+        txt={"app.corp.test": "limen-e2e"},
+        srv=[SrvRecord("_http._tcp.corp.test", "app.corp.test", 80)],
+    )
+    try:
+        dig = ["dig", f"@{dns.addr}", "+short", "+time=1", "+tries=1"]
+        assert topology.branch.run([*dig, "app.corp.test"]).stdout.strip() == "198.18.3.10"
+        assert topology.branch.run([*dig, "TXT", "app.corp.test"]).stdout.strip() == '"limen-e2e"'
+        srv = topology.branch.run([*dig, "SRV", "_http._tcp.corp.test"]).stdout.split()
+        assert srv == ["0", "0", "80", "app.corp.test."]
+        # Nothing upstream: an unknown name does not resolve.
+        assert topology.branch.run([*dig, "example.com"], check=False).stdout.strip() == ""
+        # And the laptop cannot query the LAN resolver at all.
+        proc = topology.laptop.run([*dig, "app.corp.test"], check=False)
+        assert proc.returncode != 0
+        assert "no servers could be reached" in proc.stdout
+    finally:
+        dns.stop()
