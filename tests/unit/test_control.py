@@ -254,7 +254,10 @@ def test_round_trip_any_split(msgs: list[dict[str, Any]], data: st.DataObject) -
         prev = cut
     assert got == msgs
     for m in got:
-        parsed = parse_control(m) if m["type"] not in {"hello", "heartbeat"} else None
+        try:
+            parsed = parse_control(m)
+        except RemoteProtocolError:
+            continue  # a known type with random fields; covered by the tests below
         if isinstance(parsed, UnknownControl):
             assert parsed.raw == m
 
