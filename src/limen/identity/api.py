@@ -49,9 +49,12 @@ _PAGE_HEADERS = {
 }
 
 
-def _oauth_error(error: LimenError | AuthError, status: int | None = None) -> JSONResponse:
-    if status is None:
+def _oauth_error(error: LimenError) -> JSONResponse:
+    if isinstance(error, AuthError):
+        # RFC 6749 §5.2: 400, except 401 for a client that failed to authenticate.
         status = 401 if error.code == "invalid_client" else 400
+    else:
+        status = error.http_status  # e.g. 503 when the store is unavailable
     return JSONResponse(
         {"error": error.code, "error_description": error.message},
         status_code=status,

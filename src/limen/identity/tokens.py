@@ -459,6 +459,9 @@ class TokenVerifier:
         :class:`~limen.errors.AuthError` (code ``token_expired`` or ``invalid_token``)."""
         if not isinstance(token, str):
             raise _invalid("token is not a string")
+        # Checked before the cache lookup too: hashing a huge string is work as well.
+        if len(token) > MAX_TOKEN_BYTES:
+            raise _invalid("token is too large")
         cached = self._cache.get(token)
         if cached is not None:
             self._check_times(cached, now)
@@ -485,8 +488,6 @@ class TokenVerifier:
             raise _invalid("token is issued in the future (iat)")
 
     def _verify_uncached(self, token: str, now: float) -> AccessClaims:
-        if len(token) > MAX_TOKEN_BYTES:
-            raise _invalid("token is too large")
         if not _JWS_COMPACT.fullmatch(token):
             raise _invalid("token is not a compact JWS")
         header_b64, payload_b64, signature_b64 = token.split(".")
