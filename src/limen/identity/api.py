@@ -299,6 +299,8 @@ def build_router(ctx: ServiceContext) -> APIRouter:
             return _device_form("", error=exc.message, status=400)
         user_code = normalize_user_code(params.get("user_code", "")[:64])
         action = params.get("action", "approve")
+        if action not in {"approve", "deny"}:
+            return _device_form(user_code, error="Choose Approve or Deny.", status=400)
 
         def decide() -> str:
             now = time.time()
