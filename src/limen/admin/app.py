@@ -1,0 +1,48 @@
+"""The HTTPS application: identity (OIDC), the admin REST API, metrics, health."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from limen import __version__
+from limen.admin.api import build_router as admin_router
+from limen.admin.api import install_error_handlers
+from limen.identity.api import build_router as identity_router
+from limen.metrics import REGISTRY
+from limen.service import ServiceContext
+
+
+def create_app(ctx: ServiceContext) -> FastAPI:
+    app = FastAPI(
+        title="Limen",
+        version=__version__,
+        description="Zero Trust private access: identity, admin API, metrics.",
+    )
+    install_error_handlers(app)
+    app.include_router(identity_router(ctx))
+    app.include_router(admin_router(ctx))
+
+    @app.get("/.well-known/limen-client", tags=["client"])
+    def client_config() -> dict[str, Any]:
+        """What a client or connector needs to find the edge (no secrets)."""
+        return {
+            "edge": f"{ctx.settings.public_host}:{ctx.settings.edge_port}",
+            "issuer": ctx.settings.resolved_issuer,
+            "client_id": "limen-client",
+            "version": __version__,
+        }
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        ctx.store.config_version()  # proves the store answers
+        return {"status": "ok"}
+
+    return app

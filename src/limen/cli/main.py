@@ -1,0 +1,435 @@
+"""The ``limen`` command: ``up``, ``serve``, ``edge``, ``connector …``, ``client …``,
+``admin …``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from limen import __version__
+from limen.config import Settings, default_data_dir, load_settings
+from limen.errors import LimenError
+
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="Limen: Zero Trust private access."
+)
+connector_app = typer.Typer(no_args_is_help=True, help="Run a connector in the private network.")
+client_app = typer.Typer(no_args_is_help=True, help="Reach private apps from this device.")
+app.add_typer(connector_app, name="connector")
+app.add_typer(client_app, name="client")
+
+try:
+    from limen.cli.admin import app as admin_app
+
+    app.add_typer(admin_app, name="admin", help="Administer users, apps, connectors, logs.")
+except ImportError:  # pragma: no cover - during partial installs
+    pass
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML settings file.")]
+DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Where state lives.")]
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _settings(config: Path | None, data_dir: Path | None, **overrides: Any) -> Settings:
+    settings = load_settings(config, data_dir=data_dir, **overrides)
+    setup_logging(settings.log_level, settings.log_format)
+    return settings
+
+
+def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run ``main`` until it returns or SIGINT/SIGTERM arrives; errors print one clear line."""
+
+    async def runner() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        from limen.net.tasks import spawn
+
+        task = spawn(main(), name="main")
+        waiter = spawn(stop.wait(), name="signal wait")
+        done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if task not in done:
+            task.cancel()
+        waiter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    try:
+        _event_loop_policy()
+        asyncio.run(runner())
+    except LimenError as exc:
+        typer.echo(f"error: {exc.code}: {exc.message}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _event_loop_policy() -> None:
+    if os.environ.get("LIMEN_UVLOOP", "1") != "0":
+        try:
+            import uvloop
+
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        except ImportError:
+            pass
+
+
+async def _forever() -> None:
+    await asyncio.Event().wait()
+
+
+# --- service --------------------------------------------------------------------------------
+
+
+@app.command()
+def up(
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    api_port: Annotated[int | None, typer.Option(help="Identity/admin HTTPS port.")] = None,
+    edge_port: Annotated[int | None, typer.Option(help="Edge TLS port.")] = None,
+    demo: Annotated[bool, typer.Option(help="Create and run the demo tenant.")] = True,
+) -> None:
+    """Run everything in one process on SQLite: identity, admin API, edge, and a demo."""
+    settings = _settings(config, data_dir, api_port=api_port, edge_port=edge_port)
+
+    async def main() -> None:
+        from limen.demo import admin_token, instructions, setup_demo
+        from limen.runner import Service
+
+        service = Service(settings)
+        await service.start()
+        try:
+            token_path = settings.data_dir / "admin-token"
+            admin_token(service)
+            if demo:
+                tenant = await setup_demo(service)
+                typer.echo(instructions(service, tenant, settings.data_dir))
+            else:
+                typer.echo(
+                    f"Limen is running: API {service.api_url}, edge "
+                    f"{service.edge_address}; admin token in {token_path}"
+                )
+            await _forever()
+        finally:
+            await service.stop()
+
+    _run(main)
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    api: Annotated[bool, typer.Option(help="Serve identity and the admin API.")] = True,
+    edge: Annotated[bool, typer.Option(help="Serve the edge.")] = True,
+) -> None:
+    """Run service parts without a demo (production; several edges can share PostgreSQL)."""
+    settings = _settings(config, data_dir)
+
+    async def main() -> None:
+        from limen.demo import admin_token
+        from limen.runner import Service
+
+        service = Service(settings, run_api=api, run_edge=edge)
+        await service.start()
+        try:
+            if api:
+                admin_token(service)
+            await _forever()
+        finally:
+            await service.stop()
+
+    _run(main)
+
+
+@app.command("edge")
+def edge_cmd(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Run only the edge (data plane) against the shared store."""
+    serve(config=config, data_dir=data_dir, api=False, edge=True)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(__version__)
+
+
+# --- connector ------------------------------------------------------------------------------
+
+
+def _connector_dir(data_dir: Path | None) -> Path:
+    return data_dir or Path(os.environ.get("LIMEN_CONNECTOR_DIR", default_data_dir() / "connector"))
+
+
+@connector_app.command("enroll")
+def connector_enroll(
+    token: Annotated[str, typer.Option(envvar="LIMEN_ENROLLMENT_TOKEN", help="One-time token.")],
+    api: Annotated[str, typer.Option(envvar="LIMEN_API_URL", help="https://HOST:PORT of the API")],
+    ca_file: Annotated[Path, typer.Option(envvar="LIMEN_CA_FILE", help="The service's CA.")],
+    data_dir: DataDirOpt = None,
+    name: Annotated[str, typer.Option(help="Connector name.")] = "",
+    edge: Annotated[str, typer.Option(help="Edge HOST:PORT (default: as the API says).")] = "",
+) -> None:
+    """Enroll this connector: key, CSR, certificate from Limen's CA."""
+    from limen.connector.agent import enroll
+
+    setup_logging()
+    directory = _connector_dir(data_dir)
+    try:
+        identity = enroll(api, token, directory, ca_pem=ca_file.read_text(), name=name, edge=edge)
+    except (LimenError, OSError) as exc:
+        typer.echo(f"error: enrollment failed: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"enrolled as {identity.connector_id}; state in {directory}; edge {identity.edge}")
+
+
+@connector_app.command("run")
+def connector_run(
+    data_dir: DataDirOpt = None,
+    edge: Annotated[str, typer.Option(help="Override the edge HOST:PORT.")] = "",
+    connections: Annotated[int, typer.Option(help="Connections kept to the edge.")] = 2,
+) -> None:
+    """Keep outbound connections to the edge and serve flows (never listens)."""
+    from limen.connector.agent import ConnectorAgent, ConnectorIdentity
+
+    setup_logging(
+        os.environ.get("LIMEN_LOG_LEVEL", "INFO"), os.environ.get("LIMEN_LOG_FORMAT", "text")
+    )
+    identity = ConnectorIdentity.load(_connector_dir(data_dir))
+
+    async def main() -> None:
+        agent = ConnectorAgent(identity, connections=connections, edge_override=edge or None)
+        await agent.run()
+
+    _run(main)
+
+
+# --- client ---------------------------------------------------------------------------------
+
+
+def _state_file() -> Any:
+    from limen.client.profile import StateFile
+
+    return StateFile()
+
+
+@client_app.command("login")
+def client_login(
+    api: Annotated[str, typer.Option(envvar="LIMEN_API_URL", help="https://HOST:PORT")] = "",
+    ca_file: Annotated[Path | None, typer.Option(envvar="LIMEN_CA_FILE")] = None,
+    username: Annotated[str, typer.Option(help="For --password-stdin.")] = "",
+    password_stdin: Annotated[bool, typer.Option("--password-stdin")] = False,
+    edge: Annotated[str, typer.Option(help="Edge HOST:PORT (default: as the API says).")] = "",
+    no_cae: Annotated[
+        bool, typer.Option("--no-cae", help="Do not declare the cp1 capability.")
+    ] = False,
+) -> None:
+    """Sign in (device code by default; --password-stdin for scripts)."""
+    from limen.client import auth
+    from limen.client.profile import new_device_id
+
+    setup_logging("WARNING")
+    files = _state_file()
+    state = files.load()
+    if api:
+        state.api_url = api.rstrip("/")
+    if not state.api_url:
+        typer.echo("error: --api https://HOST:PORT is required the first time", err=True)
+        raise typer.Exit(2)
+    if ca_file is not None:
+        state.ca_pem = ca_file.read_text()
+    state.capabilities = [] if no_cae else ["cp1"]
+    if not state.device_id:
+        state.device_id = new_device_id()
+    try:
+        with auth.http_client(state) as http:
+            auth.discover(state, http)
+            if edge:
+                state.edge = edge
+            else:
+                info = http.get("/.well-known/limen-client").json()
+                state.edge = str(info.get("edge") or state.edge)
+            if password_stdin:
+                if not username:
+                    typer.echo("error: --username is required with --password-stdin", err=True)
+                    raise typer.Exit(2)
+                password = sys.stdin.readline().rstrip("\n")
+                auth.password_login(state, http, username, password)
+            else:
+
+                def show(start: dict[str, Any]) -> None:
+                    typer.echo(
+                        f"To sign in, open {start.get('verification_uri_complete') or start['verification_uri']}"
+                        f"\nand confirm the code {start['user_code']}."
+                    )
+
+                auth.device_login(state, http, show)
+    except LimenError as exc:
+        typer.echo(f"error: {exc.code}: {exc.message}", err=True)
+        raise typer.Exit(1) from None
+    files.save(state)
+    typer.echo(
+        f"signed in; access token valid for {int(state.expires_at - time.time())} s; "
+        f"edge {state.edge}"
+    )
+
+
+@client_app.command("logout")
+def client_logout() -> None:
+    """Forget the tokens on this device."""
+    files = _state_file()
+    state = files.load()
+    state.access_token = state.refresh_token = ""
+    state.expires_at = 0.0
+    files.save(state)
+    typer.echo("signed out")
+
+
+@client_app.command("status")
+def client_status() -> None:
+    """Who is signed in, where the edge is, when the token expires."""
+    files = _state_file()
+    state = files.load()
+    left = int(state.expires_at - time.time())
+    typer.echo(
+        json.dumps(
+            {
+                "signed_in": state.signed_in,
+                "username": state.username,
+                "api": state.api_url,
+                "edge": state.edge,
+                "device_id": state.device_id,
+                "access_token_expires_in": max(left, 0),
+                "capabilities": state.capabilities,
+            },
+            indent=2,
+        )
+    )
+
+
+@client_app.command("token")
+def client_token() -> None:
+    """Print a fresh access token (for curl --proxy-header)."""
+    from limen.client import auth
+
+    files = _state_file()
+    try:
+        state = files.require()
+        if not state.token_fresh():
+            with auth.http_client(state) as http:
+                auth.refresh(state, http)
+            files.save(state)
+    except LimenError as exc:
+        typer.echo(f"error: {exc.code}: {exc.message}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(state.access_token)
+
+
+def _split_target(text: str) -> tuple[str, int]:
+    from limen.connector.agent import parse_hostport
+
+    host, port = parse_hostport(text, default_port=0)
+    if port <= 0:
+        raise typer.BadParameter(f"{text!r}: expected HOST:PORT")
+    return host, port
+
+
+@client_app.command("forward")
+def client_forward(
+    target: Annotated[str, typer.Argument(help="Private HOST:PORT")],
+    listen: Annotated[str, typer.Option(help="Local ADDR:PORT")] = "127.0.0.1:0",
+) -> None:
+    """Forward a local port to one private app (one flow per local connection)."""
+    from limen.client.tunnel import load_session, serve_forward
+
+    setup_logging(os.environ.get("LIMEN_LOG_LEVEL", "INFO"))
+    host, port = _split_target(target)
+    lhost, lport = _split_target(listen) if not listen.endswith(":0") else (listen[:-2], 0)
+
+    async def main() -> None:
+        session = load_session(_state_file())
+        await session.warm_up()
+        server = await serve_forward(session, host, port, lhost, lport, on_refused=_print_refusal)
+        bound = server.sockets[0].getsockname()
+        typer.echo(
+            f"forwarding {bound[0]}:{bound[1]} -> {host}:{port} through {session.state.edge}",
+            err=True,
+        )
+        try:
+            await _forever()
+        finally:
+            server.close()
+            await session.close()
+
+    _run(main)
+
+
+@client_app.command("socks")
+def client_socks(
+    listen: Annotated[str, typer.Option(help="Local ADDR:PORT")] = "127.0.0.1:1080",
+) -> None:
+    """A local SOCKS5 proxy whose connections become flows to private apps."""
+    from limen.client.tunnel import load_session, serve_socks
+
+    setup_logging(os.environ.get("LIMEN_LOG_LEVEL", "INFO"))
+    lhost, lport = _split_target(listen) if not listen.endswith(":0") else (listen[:-2], 0)
+
+    async def main() -> None:
+        session = load_session(_state_file())
+        await session.warm_up()
+        server = await serve_socks(session, lhost, lport, on_refused=_print_refusal)
+        bound = server.sockets[0].getsockname()
+        typer.echo(f"SOCKS5 on {bound[0]}:{bound[1]} through {session.state.edge}", err=True)
+        try:
+            await _forever()
+        finally:
+            server.close()
+            await session.close()
+
+    _run(main)
+
+
+def _print_refusal(target: str, exc: Any) -> None:
+    typer.echo(f"limen: flow to {target} refused: {exc.code}: {exc.message}", err=True)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,331 @@
+"""The client's data plane: a few long-lived TLS connections to the edge, one yamux stream
+per flow, and the local capture modes that feed them (port forward, SOCKS5)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from limen import __version__
+from limen.client import auth
+from limen.client.profile import ClientState, StateFile
+from limen.errors import LimenError, RemoteProtocolError
+from limen.ids import new_id
+from limen.net.endpoints import Buffer, TransportEndpoint
+from limen.net.mux import MuxConnection, MuxStream, open_flow
+from limen.net.relay import Relay
+from limen.net.tasks import spawn
+from limen.net.tls import ALPN_MUX, client_context
+from limen.wire import connect as wire
+from limen.wire.socks5 import ConnectRequested, ReplyCode, Socks5Server
+
+log = logging.getLogger(__name__)
+
+
+class FlowRefused(LimenError):
+    """The edge (or the connector behind it) refused a flow."""
+
+    def __init__(self, status: int, code: str, message: str, www_authenticate: str = "") -> None:
+        super().__init__(message, code=code)
+        self.status = status
+        self.www_authenticate = www_authenticate
+
+
+class EdgeSession:
+    """Keeps up to ``connections`` multiplexed TLS connections to the edge and opens flows
+    on the least busy one. Tokens are refreshed ahead of expiry (in a worker thread: the
+    token endpoint is plain HTTPS)."""
+
+    def __init__(
+        self,
+        state: ClientState,
+        *,
+        state_file: StateFile | None = None,
+        connections: int = 2,
+        process_name: str = "",
+    ) -> None:
+        self.state = state
+        self.state_file = state_file
+        self.max_connections = connections
+        self.conns: list[MuxConnection] = []
+        self._connecting: asyncio.Lock | None = None
+        host, _, port = state.edge.removeprefix("https://").rstrip("/").rpartition(":")
+        self.edge_host = host.strip("[]") or "localhost"
+        self.edge_port = int(port or 443)
+        self._ssl = client_context(state.ca_pem or None, alpn=[ALPN_MUX])
+        self._refresh_lock = threading.Lock()
+        self.process_name = process_name
+
+    async def _connection(self) -> MuxConnection:
+        self.conns = [c for c in self.conns if c.is_open]
+        if len(self.conns) >= self.max_connections:
+            return min(self.conns, key=lambda c: len(c.streams))
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            self.conns = [c for c in self.conns if c.is_open]
+            if self.conns and len(self.conns) >= self.max_connections:
+                return min(self.conns, key=lambda c: len(c.streams))
+            loop = asyncio.get_running_loop()
+            conn = MuxConnection(is_client=True, name="edge")
+            try:
+                await loop.create_connection(
+                    lambda: conn,
+                    self.edge_host,
+                    self.edge_port,
+                    ssl=self._ssl,
+                    server_hostname=self.edge_host,
+                    ssl_handshake_timeout=10.0,
+                )
+            except OSError as exc:
+                if self.conns:
+                    return min(self.conns, key=lambda c: len(c.streams))
+                raise FlowRefused(
+                    503,
+                    "edge_unreachable",
+                    f"cannot reach the edge at {self.edge_host}:{self.edge_port}: {exc}",
+                ) from exc
+            conn.start_keepalive(interval=15.0, timeout=45.0)
+            self.conns.append(conn)
+            return conn
+
+    async def warm_up(self) -> None:
+        """Open every connection now, so the first flows pay no handshake."""
+        while len([c for c in self.conns if c.is_open]) < self.max_connections:
+            before = len(self.conns)
+            await self._connection()
+            if len(self.conns) == before:
+                break
+
+    async def access_token(self, force_refresh: bool = False) -> str:
+        if not force_refresh and self.state.token_fresh():
+            return self.state.access_token
+        await asyncio.to_thread(self._refresh_blocking)
+        return self.state.access_token
+
+    def _refresh_blocking(self) -> None:
+        with self._refresh_lock:
+            if self.state.token_fresh():
+                return
+            with auth.http_client(self.state) as http:
+                auth.refresh(self.state, http)
+            if self.state_file is not None:
+                self.state_file.save(self.state)
+
+    async def open(
+        self, protocol: str, host: str, port: int, *, process: str = ""
+    ) -> tuple[MuxStream, wire.FlowResponse]:
+        """Open one flow; raises :class:`FlowRefused` with the edge's code and reason."""
+        retried = False
+        while True:
+            token = await self.access_token()
+            headers = [
+                ("Proxy-Authorization", f"Bearer {token}"),
+                (wire.HEADER_FLOW_ID, new_id("flow")),
+                (wire.HEADER_CLIENT_VERSION, f"limen/{__version__}"),
+            ]
+            if self.state.device_id:
+                headers.append((wire.HEADER_DEVICE_ID, self.state.device_id))
+            if process or self.process_name:
+                headers.append((wire.HEADER_PROCESS, (process or self.process_name)[:200]))
+            head = wire.encode_request(protocol, host, port, headers)
+            conn = await self._connection()
+            try:
+                stream, response = await open_flow(conn, head, protocol)
+            except (ConnectionError, RemoteProtocolError, TimeoutError) as exc:
+                if retried:
+                    raise FlowRefused(
+                        503, "edge_unreachable", f"edge connection failed: {exc}"
+                    ) from exc
+                retried = True
+                conn.close()
+                continue
+            if response.ok:
+                return stream, response
+            code, message = response.error()
+            if response.status == 401 and code == "token_expired" and not retried:
+                retried = True
+                await self.access_token(force_refresh=True)
+                continue
+            raise FlowRefused(
+                response.status, code, message, response.headers.get("www-authenticate", "")
+            )
+
+    async def close(self) -> None:
+        for conn in self.conns:
+            conn.close()
+        self.conns = []
+
+
+def load_session(state_file: StateFile, **kw: Any) -> EdgeSession:
+    state = state_file.require()
+    return EdgeSession(state, state_file=state_file, **kw)
+
+
+ReportRefusal = Callable[[str, FlowRefused], None]
+
+
+def _log_refusal(target: str, exc: FlowRefused) -> None:
+    log.warning("flow to %s refused: %s (%s)", target, exc.message, exc.code)
+
+
+async def serve_forward(
+    session: EdgeSession,
+    target_host: str,
+    target_port: int,
+    listen_host: str,
+    listen_port: int,
+    *,
+    on_refused: ReportRefusal = _log_refusal,
+) -> asyncio.Server:
+    """``limen client forward``: every local connection becomes one flow to the target."""
+    loop = asyncio.get_running_loop()
+
+    def factory() -> TransportEndpoint:
+        local = TransportEndpoint()
+        spawn(
+            _forward_one(session, local, target_host, target_port, on_refused),
+            name=f"forward to {target_host}:{target_port}",
+        )
+        return local
+
+    return await loop.create_server(factory, listen_host, listen_port, backlog=1024)
+
+
+async def _forward_one(
+    session: EdgeSession,
+    local: TransportEndpoint,
+    host: str,
+    port: int,
+    on_refused: ReportRefusal,
+) -> None:
+    try:
+        await local.connected
+    except (ConnectionError, OSError):
+        return
+    try:
+        stream, _response = await session.open("tcp", host, port, process=_peer_process(local))
+    except FlowRefused as exc:
+        on_refused(f"{host}:{port}", exc)
+        local.abort()
+        return
+    relay = Relay(local, stream)
+    relay.start()
+    await relay.done
+
+
+def _peer_process(local: TransportEndpoint) -> str:
+    """Name of the local process that opened the connection (best effort, Linux)."""
+    if local.transport is None:
+        return ""
+    sock = local.transport.get_extra_info("socket")
+    peer = local.transport.get_extra_info("peername")
+    if sock is None or not isinstance(peer, tuple):
+        return ""
+    try:
+        from limen.client.procinfo import process_for_peer
+
+        return process_for_peer(peer[0], peer[1]) or ""
+    except (ImportError, OSError):
+        return ""
+
+
+class _SocksHandshake:
+    """Receiver that runs the SOCKS5 handshake, then hands the socket to a flow."""
+
+    def __init__(
+        self, session: EdgeSession, local: TransportEndpoint, on_refused: ReportRefusal
+    ) -> None:
+        self.session = session
+        self.local = local
+        self.codec = Socks5Server()
+        self.on_refused = on_refused
+        self.started = False
+
+    def on_data(self, data: Buffer) -> None:
+        if self.started:
+            return
+        try:
+            events = self.codec.receive_data(bytes(data))
+        except RemoteProtocolError as exc:
+            out = self.codec.data_to_send()
+            if out:
+                self.local.write(out)
+            log.info("socks: bad handshake (%s): %s", exc.code, exc)
+            self.local.close()
+            return
+        out = self.codec.data_to_send()
+        if out:
+            self.local.write(out)
+        for event in events:
+            if isinstance(event, ConnectRequested):
+                self.started = True
+                self.local.pause_reading()
+                spawn(
+                    self._connect(event.host, event.port),
+                    name=f"socks to {event.host}:{event.port}",
+                )
+                return
+            # UDP ASSOCIATE arrives with UDP flows; refuse it clearly for now.
+            self.codec.reject(ReplyCode.COMMAND_NOT_SUPPORTED)
+            self.local.write(self.codec.data_to_send())
+            self.local.close()
+            return
+
+    async def _connect(self, host: str, port: int) -> None:
+        try:
+            stream, _response = await self.session.open(
+                "tcp", host, port, process=_peer_process(self.local)
+            )
+        except FlowRefused as exc:
+            self.on_refused(f"{host}:{port}", exc)
+            reply = (
+                ReplyCode.NOT_ALLOWED
+                if exc.status in (401, 403)
+                else (
+                    ReplyCode.HOST_UNREACHABLE
+                    if exc.status in (502, 504)
+                    else ReplyCode.GENERAL_FAILURE
+                )
+            )
+            self.codec.reject(reply)
+            self.local.write(self.codec.data_to_send())
+            self.local.close()
+            return
+        self.codec.accept("0.0.0.0", 0)
+        self.local.write(self.codec.data_to_send())
+        early = self.codec.trailing_data()
+        relay = Relay(self.local, stream)
+        relay.start(initial_to_b=early)
+        await relay.done
+
+    def on_eof(self) -> None:
+        if not self.started:
+            self.local.close()
+
+    def on_closed(self, error: BaseException | None) -> None:
+        pass
+
+    def on_drained(self) -> None:
+        pass
+
+
+async def serve_socks(
+    session: EdgeSession,
+    listen_host: str,
+    listen_port: int,
+    *,
+    on_refused: ReportRefusal = _log_refusal,
+) -> asyncio.Server:
+    """``limen client socks``: a SOCKS5 proxy whose CONNECTs become flows."""
+    loop = asyncio.get_running_loop()
+
+    def factory() -> TransportEndpoint:
+        local = TransportEndpoint()
+        local.attach(_SocksHandshake(session, local, on_refused))
+        return local
+
+    return await loop.create_server(factory, listen_host, listen_port, backlog=1024)

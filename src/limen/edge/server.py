@@ -1,0 +1,591 @@
+"""The edge: the policy enforcement point of the data plane.
+
+One TLS port. After the handshake the connection is dispatched:
+
+* ALPN ``limen/1`` with a connector certificate from our CA → a connector link (yamux; the
+  connector's first stream is its control stream; the edge opens one stream per flow);
+* ALPN ``limen/1`` without a certificate → a client (yamux; one stream per flow);
+* ALPN ``http/1.1`` or none → one plain CONNECT flow on the connection (curl, any
+  HTTPS-proxy-capable program).
+
+Every flow: read the head, :func:`limen.edge.admission.admit`, pick a connector, open a
+stream to it, relay, write one traffic-log record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from limen.bus.inprocess import CONFIG_CHANGED, SUBJECT_REVOKED, BusEvent
+from limen.edge.admission import Decision, admit
+from limen.edge.connectors import ConnectorLink, ConnectorRegistry
+from limen.edge.snapshot import Snapshot, load_snapshot
+from limen.errors import AuthError, RemoteProtocolError
+from limen.identity.tokens import EDGE_AUDIENCE, TokenVerifier
+from limen.ids import new_id
+from limen.logs.traffic import TrafficLogWriter
+from limen.metrics import (
+    BYTES_TOTAL,
+    CLIENT_CONNECTIONS,
+    FLOWS_ACTIVE,
+    FLOWS_TOTAL,
+    PROTOCOL_ERRORS,
+)
+from limen.net.endpoints import Buffer, Endpoint, TransportEndpoint
+from limen.net.mux import MuxConnection, MuxStream, open_flow
+from limen.net.relay import CloseReason, Relay
+from limen.net.tasks import spawn
+from limen.net.tls import ALPN_MUX, server_context
+from limen.pki import connector_id_from_cert
+from limen.service import ServiceContext
+from limen.wire import connect as wire
+from limen.wire.control import ControlDecoder, Heartbeat, Hello, parse_control
+
+log = logging.getLogger(__name__)
+
+#: A flow head must arrive within this time, or the stream/connection is dropped (slowloris).
+HEAD_TIMEOUT = 10.0
+
+
+@dataclass
+class LiveFlow:
+    flow_id: str
+    user_id: str
+    session_id: str
+    device_id: str
+    relay: Relay | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+    link: ConnectorLink | None = None
+
+
+class _HeadReader:
+    """Receives a flow head on an endpoint, then hands the endpoint to the edge."""
+
+    def __init__(self, edge: Edge, endpoint: Endpoint, source: tuple[str, int], conn_id: str):
+        self.edge = edge
+        self.endpoint = endpoint
+        self.source = source
+        self.conn_id = conn_id
+        self.reader = wire.FlowRequestReader()
+        self.done = False
+        self.timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, self._timeout)
+
+    def on_data(self, data: Buffer) -> None:
+        if self.done:
+            return
+        try:
+            request = self.reader.feed(data)
+        except RemoteProtocolError as exc:
+            self._refuse_bad(exc)
+            return
+        if request is None:
+            return
+        self.done = True
+        self.timer.cancel()
+        self.endpoint.pause_reading()
+        if isinstance(self.endpoint, MuxStream):
+            self.endpoint.detach()
+        spawn(
+            self.edge.handle_flow(
+                self.endpoint, request, self.reader.trailing, self.source, self.conn_id
+            ),
+            name=f"flow {self.source[0]}:{self.source[1]} {request.host}:{request.port}",
+        )
+
+    def _refuse_bad(self, exc: RemoteProtocolError) -> None:
+        self.done = True
+        self.timer.cancel()
+        PROTOCOL_ERRORS.labels(exc.code).inc()
+        log.info("refused a malformed flow head from %s:%d (%s): %s", *self.source, exc.code, exc)
+        status = (
+            431
+            if exc.code == "head_too_large"
+            else (405 if exc.code == "method_not_allowed" else 400)
+        )
+        self.endpoint.write(wire.encode_refusal(status, exc.code, str(exc)))
+        self.endpoint.close()
+
+    def _timeout(self) -> None:
+        if not self.done:
+            self.done = True
+            log.info("no flow head from %s:%d within %.0fs", *self.source, HEAD_TIMEOUT)
+            self.endpoint.abort()
+
+    def on_eof(self) -> None:
+        if not self.done:
+            self.done = True
+            self.timer.cancel()
+            self.endpoint.close()
+
+    def on_closed(self, error: BaseException | None) -> None:
+        self.done = True
+        self.timer.cancel()
+
+    def on_drained(self) -> None:
+        pass
+
+
+class _Dispatch(asyncio.Protocol):
+    """First protocol on every accepted TLS connection: picks the real one by ALPN and
+    client certificate, then steps aside."""
+
+    def __init__(self, edge: Edge) -> None:
+        self.edge = edge
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.edge.dispatch(cast(asyncio.Transport, transport))
+
+    def data_received(self, data: bytes) -> None:  # pragma: no cover - replaced before data
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
+
+
+class Edge:
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self.snapshot = Snapshot()
+        self.verifier = TokenVerifier(
+            self.snapshot.keys, issuer=self.settings.resolved_issuer, audience=EDGE_AUDIENCE
+        )
+        self.connectors = ConnectorRegistry()
+        self.flows: dict[str, LiveFlow] = {}
+        self.flows_by_user: dict[str, set[str]] = {}
+        self.traffic = TrafficLogWriter(
+            ctx.store,
+            batch=self.settings.traffic_log_batch,
+            flush_seconds=self.settings.traffic_log_flush_seconds,
+            max_queue=self.settings.traffic_log_queue,
+        )
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self._reload = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._unsubscribe: list[Any] = []
+        self._loop = asyncio.get_running_loop()
+        self._client_conns: set[MuxConnection] = set()
+
+    # lifecycle -------------------------------------------------------------------------------
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Listen on ``sock`` (already bound) or on the configured address."""
+        await self.reload()
+        ssl_ctx = server_context(
+            self.ctx.pki.server_cert_pem, self.ctx.pki.server_key_pem, self.ctx.pki.ca_pem
+        )
+        if sock is not None:
+            self.server = await self._loop.create_server(
+                lambda: _Dispatch(self), sock=sock, ssl=ssl_ctx, ssl_handshake_timeout=10.0
+            )
+        else:
+            self.server = await self._loop.create_server(
+                lambda: _Dispatch(self),
+                self.settings.edge_host,
+                self.settings.edge_port,
+                ssl=ssl_ctx,
+                ssl_handshake_timeout=10.0,
+                backlog=1024,
+            )
+        self.port = self.server.sockets[0].getsockname()[1]
+        self._unsubscribe.append(self.ctx.bus.subscribe(self._on_bus))
+        self._tasks.append(spawn(self.traffic.run(), name="edge traffic log"))
+        self._tasks.append(spawn(self._watch_config(), name="edge config watch"))
+        log.info("edge listening on port %d", self.port)
+
+    async def stop(self) -> None:
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        if self.server is not None:
+            self.server.close()
+        for flow in list(self.flows.values()):
+            if flow.relay is not None:
+                flow.relay.abort(CloseReason.SHUTDOWN)
+        for conn in list(self._client_conns):
+            conn.close()
+        for link in list(self.connectors.links.values()):
+            for conn in list(link.connections):
+                conn.close()
+        self.traffic.stop()
+        for task in self._tasks:
+            if task.get_name() == "edge traffic log":
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(10):
+                        await task
+            else:
+                task.cancel()
+        if self.server is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2):
+                    await self.server.wait_closed()
+
+    async def reload(self) -> None:
+        snapshot = await asyncio.to_thread(load_snapshot, self.ctx.store)
+        self.snapshot = snapshot
+        self.verifier.replace_keys(snapshot.keys)
+        self.connectors.regroup({c.id: c.group_id for c in snapshot.connectors.values()})
+        for link in list(self.connectors.links.values()):
+            info = snapshot.connectors.get(link.connector_id)
+            link.draining = info is not None and info.state == "draining"
+            if info is None or info.state == "revoked":
+                log.warning("connector %s was revoked or removed: closing", link.connector_id)
+                for conn in list(link.connections):
+                    conn.close()
+
+    def _on_bus(self, event: BusEvent) -> None:
+        # Called from any thread: hop onto the loop.
+        if event.topic == CONFIG_CHANGED:
+            self._loop.call_soon_threadsafe(self._reload.set)
+        elif event.topic == SUBJECT_REVOKED:
+            user_id = str(event.payload.get("user_id", ""))
+            self._loop.call_soon_threadsafe(self._revoke_user, user_id)
+
+    async def _watch_config(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self.settings.config_poll_seconds):
+                    await self._reload.wait()
+            except TimeoutError:
+                try:
+                    version = await asyncio.to_thread(self.ctx.store.config_version)
+                except Exception as exc:
+                    log.error("config poll failed: %s", exc)
+                    continue
+                if version == self.snapshot.version:
+                    continue
+            self._reload.clear()
+            try:
+                await self.reload()
+            except Exception:
+                log.exception("configuration reload failed; keeping the previous snapshot")
+
+    def _revoke_user(self, user_id: str) -> None:
+        """Cut every live flow of a user (continuous access evaluation)."""
+        flow_ids = list(self.flows_by_user.get(user_id, ()))
+        for flow_id in flow_ids:
+            flow = self.flows.get(flow_id)
+            if flow is not None and flow.relay is not None:
+                flow.relay.abort(CloseReason.REVOKED)
+        if flow_ids:
+            log.info("revoked %d live flows of %s", len(flow_ids), user_id)
+        self._reload.set()
+
+    # connections -----------------------------------------------------------------------------
+
+    def dispatch(self, transport: asyncio.Transport) -> None:
+        ssl_obj: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
+        peer = transport.get_extra_info("peername") or ("", 0)
+        source = (str(peer[0]), int(peer[1]))
+        alpn = ssl_obj.selected_alpn_protocol() if ssl_obj is not None else None
+        cert = ssl_obj.getpeercert(binary_form=True) if ssl_obj is not None else None
+        conn_id = new_id("connection")
+        if alpn == ALPN_MUX and cert:
+            self._accept_connector(transport, cert, source, conn_id)
+        elif alpn == ALPN_MUX:
+            self._accept_client(transport, source, conn_id)
+        else:
+            endpoint = TransportEndpoint()
+            transport.set_protocol(endpoint)
+            endpoint.connection_made(transport)
+            endpoint.attach(_HeadReader(self, endpoint, source, conn_id))
+
+    def _accept_client(
+        self, transport: asyncio.Transport, source: tuple[str, int], conn_id: str
+    ) -> None:
+        def on_stream(stream: MuxStream) -> None:
+            stream.attach(_HeadReader(self, stream, source, conn_id))
+
+        conn = MuxConnection(is_client=False, on_stream=on_stream, name=f"client {source[0]}")
+        transport.set_protocol(conn)
+        conn.connection_made(transport)
+        self._client_conns.add(conn)
+        CLIENT_CONNECTIONS.inc()
+
+        def closed(c: MuxConnection) -> None:
+            self._client_conns.discard(c)
+            CLIENT_CONNECTIONS.dec()
+
+        conn.on_close = closed
+        conn.start_keepalive(interval=15.0, timeout=45.0)
+
+    def _accept_connector(
+        self, transport: asyncio.Transport, cert: bytes, source: tuple[str, int], conn_id: str
+    ) -> None:
+        try:
+            connector_id, _serial = connector_id_from_cert(cert)
+        except (AuthError, ValueError) as exc:
+            log.warning("refused a connection from %s: %s", source[0], exc)
+            transport.abort()
+            return
+        info = self.snapshot.connectors.get(connector_id)
+        if info is None or info.state == "revoked":
+            log.warning("refused connector %s from %s: unknown or revoked", connector_id, source[0])
+            transport.abort()
+            return
+        conn = MuxConnection(is_client=False, name=f"connector {connector_id}")
+        transport.set_protocol(conn)
+        conn.connection_made(transport)
+        link = self.connectors.add(
+            connector_id, info.group_id, conn, name=info.name, address=source[0]
+        )
+        link.draining = info.state == "draining"
+
+        def on_control(stream: MuxStream) -> None:
+            # The connector's first stream is its control stream; it opens no others.
+            if getattr(conn, "_control_seen", False):
+                stream.abort()
+                return
+            conn._control_seen = True  # type: ignore[attr-defined]
+            stream.attach(_ControlReceiver(self, link, stream))
+
+        conn.on_stream = on_control
+
+        def closed(c: MuxConnection) -> None:
+            self.connectors.remove(connector_id, c)
+            log.info("connector %s connection from %s closed", connector_id, source[0])
+
+        conn.on_close = closed
+        conn.start_keepalive()
+        log.info("connector %s connected from %s", connector_id, source[0])
+
+    # flows ------------------------------------------------------------------------------------
+
+    async def handle_flow(
+        self,
+        endpoint: Endpoint,
+        request: wire.FlowRequest,
+        trailing: bytes,
+        source: tuple[str, int],
+        conn_id: str,
+    ) -> None:
+        started = time.time()
+        flow_id = request.headers.get(wire.HEADER_FLOW_ID, "")
+        if not flow_id.startswith("flw_") or len(flow_id) > 40 or flow_id in self.flows:
+            flow_id = new_id("flow")
+        decision = admit(request, snapshot=self.snapshot, verifier=self.verifier, now=started)
+        record = self._record(flow_id, conn_id, started, request, source, decision)
+        if not decision.allowed:
+            self._refuse(
+                endpoint, decision.status, decision.code, decision.reason, record, decision
+            )
+            return
+        assert decision.app is not None and decision.claims is not None
+        picked = self.connectors.pick(decision.app.connector_group_id)
+        if picked is None:
+            group = self.snapshot.connector_groups.get(decision.app.connector_group_id, "?")
+            self._refuse(
+                endpoint,
+                502,
+                "no_connector",
+                f"no connector of group {group} is connected",
+                record,
+                decision,
+            )
+            return
+        link, conn = picked
+        record["connector_id"] = link.connector_id
+        head = wire.encode_request(
+            request.protocol,
+            request.host,
+            request.port,
+            [
+                (wire.HEADER_FLOW_ID, flow_id),
+                (wire.HEADER_USER, decision.claims.sub),
+                (wire.HEADER_SOURCE, f"{source[0]}:{source[1]}"),
+            ],
+        )
+        link.active_flows += 1
+        try:
+            try:
+                target, response = await open_flow(
+                    conn, head, request.protocol, self.settings.connector_dial_timeout
+                )
+            except TimeoutError:
+                link.recent_failures += 1
+                self._refuse(
+                    endpoint,
+                    504,
+                    "connector_timeout",
+                    f"connector {link.connector_id} did not answer in time",
+                    record,
+                    decision,
+                )
+                return
+            except (ConnectionError, RemoteProtocolError) as exc:
+                link.recent_failures += 1
+                self._refuse(
+                    endpoint,
+                    502,
+                    "connector_unreachable",
+                    f"connector {link.connector_id} failed: {exc}",
+                    record,
+                    decision,
+                )
+                return
+            if not response.ok:
+                code, message = response.error()
+                if code not in ("target_unresolvable",):
+                    link.recent_failures += 0  # target errors are not the connector's fault
+                self._refuse(endpoint, response.status, code, message, record, decision)
+                return
+            link.recent_failures = 0
+            endpoint.write(wire.encode_response(200 if request.protocol == "tcp" else 101))
+            await self._relay(endpoint, target, trailing, record, decision, link)
+        finally:
+            link.active_flows -= 1
+
+    async def _relay(
+        self,
+        endpoint: Endpoint,
+        target: MuxStream,
+        trailing: bytes,
+        record: dict[str, Any],
+        decision: Decision,
+        link: ConnectorLink,
+    ) -> None:
+        claims = decision.claims
+        assert claims is not None
+        flow = LiveFlow(
+            record["flow_id"],
+            claims.sub,
+            claims.sid,
+            claims.device_id or "",
+            record=record,
+            link=link,
+        )
+        relay = Relay(endpoint, target)
+        flow.relay = relay
+        self.flows[flow.flow_id] = flow
+        self.flows_by_user.setdefault(flow.user_id, set()).add(flow.flow_id)
+        FLOWS_ACTIVE.inc()
+        FLOWS_TOTAL.labels("allow", "").inc()
+        try:
+            relay.start(initial_to_b=trailing)
+            reason = await relay.done
+        finally:
+            FLOWS_ACTIVE.dec()
+            self.flows.pop(flow.flow_id, None)
+            ids = self.flows_by_user.get(flow.user_id)
+            if ids is not None:
+                ids.discard(flow.flow_id)
+                if not ids:
+                    del self.flows_by_user[flow.user_id]
+        up, down = relay.bytes_a_to_b, relay.bytes_b_to_a
+        link.bytes_up += up
+        link.bytes_down += down
+        BYTES_TOTAL.labels("up").inc(up)
+        BYTES_TOTAL.labels("down").inc(down)
+        record.update(ended_at=time.time(), bytes_up=up, bytes_down=down, close_reason=str(reason))
+        self.traffic.submit(record)
+
+    def _refuse(
+        self,
+        endpoint: Endpoint,
+        status: int,
+        code: str,
+        reason: str,
+        record: dict[str, Any],
+        decision: Decision,
+    ) -> None:
+        headers: list[tuple[str, str]] = []
+        if decision.www_authenticate and status == 401:
+            headers.append(("WWW-Authenticate", decision.www_authenticate))
+        action = decision.action if decision.action != "allow" else "error"
+        FLOWS_TOTAL.labels(action, code).inc()
+        log.info("flow %s refused (%d %s): %s", record["flow_id"], status, code, reason)
+        endpoint.write(wire.encode_refusal(status, code, reason, headers))
+        endpoint.close()
+        record.update(
+            action=action, code=code, reason=reason, ended_at=time.time(), close_reason="refused"
+        )
+        self.traffic.submit(record)
+
+    def _record(
+        self,
+        flow_id: str,
+        conn_id: str,
+        started: float,
+        request: wire.FlowRequest,
+        source: tuple[str, int],
+        decision: Decision,
+    ) -> dict[str, Any]:
+        claims = decision.claims
+        host = request.host
+        is_ip = host.replace(".", "").isdigit() or ":" in host
+        return {
+            "flow_id": flow_id,
+            "connection_id": conn_id,
+            "session_id": claims.sid if claims else "",
+            "started_at": started,
+            "user_id": claims.sub if claims else "",
+            "username": claims.username if claims else "",
+            "device_id": (claims.device_id or "") if claims else "",
+            "client_version": request.headers.get(wire.HEADER_CLIENT_VERSION, "")[:64],
+            "process_name": request.headers.get(wire.HEADER_PROCESS, "")[:255],
+            "source_ip": source[0],
+            "source_port": source[1],
+            "dest_host": "" if is_ip else host,
+            "dest_ip": host if is_ip else "",
+            "dest_port": request.port,
+            "transport": request.protocol,
+            "app_id": decision.app.id if decision.app else "",
+            "segment_id": decision.segment.id if decision.segment else "",
+            "connector_group_id": decision.app.connector_group_id if decision.app else "",
+            "action": decision.action,
+            "code": decision.code,
+            "reason": decision.reason,
+            "policy_ids": [],
+            "edge_node": self.ctx.node_name,
+        }
+
+
+class _ControlReceiver:
+    """The edge's end of a connector's control stream."""
+
+    def __init__(self, edge: Edge, link: ConnectorLink, stream: MuxStream) -> None:
+        self.edge = edge
+        self.link = link
+        self.stream = stream
+        self.decoder = ControlDecoder()
+
+    def on_data(self, data: Buffer) -> None:
+        try:
+            messages = self.decoder.feed(bytes(data))
+        except RemoteProtocolError as exc:
+            PROTOCOL_ERRORS.labels(exc.code).inc()
+            log.warning(
+                "connector %s sent a bad control message (%s): closing",
+                self.link.connector_id,
+                exc.code,
+            )
+            self.stream.conn.close()
+            return
+        for raw in messages:
+            try:
+                message = parse_control(raw)
+            except RemoteProtocolError as exc:
+                log.warning(
+                    "connector %s: bad %s message: %s", self.link.connector_id, raw.get("type"), exc
+                )
+                continue
+            if isinstance(message, Hello):
+                self.link.version = message.version
+            elif isinstance(message, Heartbeat):
+                self.link.last_heartbeat = time.time()
+
+    def on_eof(self) -> None:
+        self.stream.close()
+
+    def on_closed(self, error: BaseException | None) -> None:
+        pass
+
+    def on_drained(self) -> None:
+        pass

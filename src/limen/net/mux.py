@@ -1,0 +1,430 @@
+"""The asyncio shell around :class:`limen.wire.yamux.YamuxSession`: one TLS connection
+carrying many streams.
+
+The shell only moves bytes: it feeds what the transport reads into the session, dispatches
+the session's events to the streams, and writes what the session queued. Flow control is the
+session's: a stream whose reader is paused stops returning window to the peer, so the peer
+stops sending; nothing here buffers without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import cast
+
+from limen.errors import LocalProtocolError, RemoteProtocolError
+from limen.net.endpoints import Buffer, Receiver
+from limen.wire import yamux
+from limen.wire.connect import FlowResponse, FlowResponseReader
+
+log = logging.getLogger(__name__)
+
+#: How often an idle connection is pinged, and how long a ping may go unanswered before the
+#: connection is declared dead. Short enough that a dead connector is noticed within the
+#: failover bound, long enough not to matter on a slow link.
+KEEPALIVE_INTERVAL = 0.5
+KEEPALIVE_TIMEOUT = 1.5
+
+
+class MuxStream:
+    """One yamux stream as an :class:`~limen.net.endpoints.Endpoint`."""
+
+    __slots__ = (
+        "_backlog",
+        "_backlog_eof",
+        "_closed",
+        "_eof_pending",
+        "_held",
+        "_paused",
+        "_pending",
+        "conn",
+        "receiver",
+        "stream_id",
+        "tag",
+    )
+
+    def __init__(self, conn: MuxConnection, stream_id: int) -> None:
+        self.conn = conn
+        self.stream_id = stream_id
+        self.receiver: Receiver | None = None
+        self._pending: memoryview | None = None
+        self._eof_pending = False
+        self._paused = False
+        self._held = 0
+        self._backlog: list[bytes] = []
+        self._backlog_eof = False
+        self._closed = False
+        #: Free slot for the owner (e.g. the flow this stream carries).
+        self.tag: object = None
+
+    # events from the connection ------------------------------------------------------------
+
+    def _on_data(self, data: Buffer) -> None:
+        receiver = self.receiver
+        if receiver is None:
+            self._backlog.append(bytes(data))
+            self._held += len(data)
+            return
+        receiver.on_data(data)
+        if self._paused:
+            self._held += len(data)
+        else:
+            self.conn.session.acknowledge(self.stream_id, len(data), self.conn.now())
+
+    def _on_eof(self) -> None:
+        if self.receiver is None:
+            self._backlog_eof = True
+        else:
+            self.receiver.on_eof()
+
+    def _on_closed(self, error: BaseException | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        receiver, self.receiver = self.receiver, None
+        if receiver is not None:
+            receiver.on_closed(error)
+
+    def _on_window(self) -> None:
+        pending = self._pending
+        if pending is None:
+            return
+        sent = self.conn.session.send_data(self.stream_id, pending)
+        if sent < len(pending):
+            self._pending = pending[sent:]
+            return
+        self._pending = None
+        if self._eof_pending:
+            self._eof_pending = False
+            self.conn.session.close_stream(self.stream_id)
+        if self.receiver is not None and not self.conn.write_paused:
+            self.receiver.on_drained()
+
+    # Endpoint ------------------------------------------------------------------------------
+
+    @property
+    def full(self) -> bool:
+        return self._pending is not None or self.conn.write_paused
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def attach(self, receiver: Receiver) -> None:
+        self.receiver = receiver
+        if self._closed:
+            self.receiver = None
+            receiver.on_closed(None)
+            return
+        backlog, self._backlog = self._backlog, []
+        for chunk in backlog:
+            receiver.on_data(chunk)
+            if self.receiver is None:
+                return
+        if self._backlog_eof:
+            self._backlog_eof = False
+            receiver.on_eof()
+        if not self._paused and self._held:
+            held, self._held = self._held, 0
+            self.conn.session.acknowledge(self.stream_id, held, self.conn.now())
+            self.conn.flush()
+
+    def detach(self, replay: bytes = b"") -> None:
+        """Stop delivering; keep what arrives (and ``replay`` first) for the next
+        :meth:`attach`."""
+        self.receiver = None
+        if replay:
+            self._backlog.insert(0, replay)
+
+    def write(self, data: Buffer) -> None:
+        if self._closed:
+            return
+        if self._pending is not None:
+            # The caller ignored ``full``; keep the order, at the cost of one copy.
+            self._pending = memoryview(bytes(self._pending) + bytes(data))
+            return
+        try:
+            sent = self.conn.session.send_data(self.stream_id, data)
+        except LocalProtocolError:
+            return  # stream already half-closed or reset
+        if sent < len(data):
+            self._pending = memoryview(data)[sent:]
+        self.conn.flush()
+
+    def write_eof(self) -> None:
+        if self._closed:
+            return
+        if self._pending is not None:
+            self._eof_pending = True
+            return
+        self.conn.session.close_stream(self.stream_id)
+        self.conn.flush()
+        self._forget_if_done()
+
+    def close(self) -> None:
+        """Graceful end: FIN (after pending data)."""
+        self.write_eof()
+
+    def abort(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.receiver = None
+        self.conn.session.reset_stream(self.stream_id)
+        self.conn.streams.pop(self.stream_id, None)
+        self.conn.flush()
+
+    def pause_reading(self) -> None:
+        self._paused = True
+
+    def resume_reading(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        if self._held and self.receiver is not None:
+            held, self._held = self._held, 0
+            self.conn.session.acknowledge(self.stream_id, held, self.conn.now())
+            self.conn.flush()
+
+    def _forget_if_done(self) -> None:
+        if self.conn.session.stream_state(self.stream_id) is yamux.StreamState.CLOSED:
+            self.conn.streams.pop(self.stream_id, None)
+
+
+class MuxConnection(asyncio.Protocol):
+    """A yamux session over one (TLS) transport."""
+
+    def __init__(
+        self,
+        *,
+        is_client: bool,
+        on_stream: Callable[[MuxStream], None] | None = None,
+        name: str = "mux",
+        max_streams: int = yamux.DEFAULT_MAX_STREAMS,
+    ) -> None:
+        self.session = yamux.YamuxSession(is_client=is_client, max_streams=max_streams)
+        self.streams: dict[int, MuxStream] = {}
+        self.on_stream = on_stream
+        self.name = name
+        self.transport: asyncio.Transport | None = None
+        self.write_paused = False
+        self.loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[BaseException | None] = self.loop.create_future()
+        self.ready: asyncio.Future[None] = self.loop.create_future()
+        self._last_rx = 0.0
+        self._keepalive: asyncio.TimerHandle | None = None
+        self._ping_sent_at = 0.0
+        self._ping_seq = 0
+        #: Round-trip time of the last answered keepalive ping (seconds).
+        self.rtt = 0.0
+        self.on_close: Callable[[MuxConnection], None] | None = None
+
+    def now(self) -> float:
+        return self.loop.time()
+
+    # asyncio.Protocol ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement the interface without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self._last_rx = self.now()
+        if not self.ready.done():
+            self.ready.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self._last_rx = self.now()
+        try:
+            events = self.session.receive_data(data)
+        except RemoteProtocolError as exc:
+            log.warning("%s: peer broke the mux protocol (%s): %s", self.name, exc.code, exc)
+            self.session.protocol_error_goaway()
+            self.flush()
+            self.close(exc)
+            return
+        streams = self.streams
+        for event in events:
+            if type(event) is yamux.DataReceived:
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream._on_data(event.data)
+            elif type(event) is yamux.SendWindowOpened:
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream._on_window()
+            elif type(event) is yamux.StreamOpened:
+                self._accept(event.stream_id)
+            elif type(event) is yamux.StreamEnded:
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream._on_eof()
+                    stream._forget_if_done()
+            elif type(event) is yamux.StreamReset:
+                stream = streams.pop(event.stream_id, None)
+                if stream is not None:
+                    stream._on_closed(ConnectionResetError("stream reset by peer"))
+            elif type(event) is yamux.PongReceived:
+                if self._ping_sent_at:
+                    self.rtt = self.now() - self._ping_sent_at
+                    self._ping_sent_at = 0.0
+            elif type(event) is yamux.GoAwayReceived:
+                log.info("%s: peer is going away (code %d)", self.name, event.code)
+        self.flush()
+
+    def _accept(self, stream_id: int) -> None:
+        stream = MuxStream(self, stream_id)
+        self.streams[stream_id] = stream
+        if self.on_stream is None:
+            stream.abort()
+            return
+        try:
+            self.on_stream(stream)
+        except Exception:
+            log.exception("%s: stream handler failed", self.name)
+            stream.abort()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for stream in list(self.streams.values()):
+            if stream.receiver is not None and stream._pending is None:
+                stream.receiver.on_drained()
+
+    def eof_received(self) -> bool:
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
+        error: BaseException = exc or ConnectionResetError(f"{self.name}: connection closed")
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            stream._on_closed(error)
+        if not self.ready.done():
+            self.ready.set_exception(error)
+        if not self.closed.done():
+            self.closed.set_result(exc)
+        if self.on_close is not None:
+            self.on_close(self)
+
+    # commands ------------------------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return (
+            self.transport is not None
+            and not self.closed.done()
+            and not self.session.go_away_received
+            and not self.session.go_away_sent
+        )
+
+    def flush(self) -> None:
+        if self.session.has_output() and self.transport is not None:
+            self.transport.write(self.session.data_to_send())
+
+    def open_stream(self) -> MuxStream:
+        if not self.is_open:
+            raise ConnectionError(f"{self.name}: connection is not open")
+        stream_id = self.session.open_stream()
+        stream = MuxStream(self, stream_id)
+        self.streams[stream_id] = stream
+        self.flush()
+        return stream
+
+    def go_away(self) -> None:
+        self.session.go_away()
+        self.flush()
+
+    def close(self, error: BaseException | None = None) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def start_keepalive(
+        self, interval: float = KEEPALIVE_INTERVAL, timeout: float = KEEPALIVE_TIMEOUT
+    ) -> None:
+        """Ping when idle; close when the peer has been silent for ``timeout``."""
+
+        def tick() -> None:
+            if self.closed.done():
+                return
+            now = self.now()
+            if now - self._last_rx > timeout:
+                log.warning("%s: peer silent for %.1fs, closing", self.name, now - self._last_rx)
+                if self.transport is not None:
+                    self.transport.abort()
+                return
+            if now - self._last_rx >= interval and not self._ping_sent_at:
+                self._ping_seq = (self._ping_seq + 1) & 0xFFFFFFFF
+                self._ping_sent_at = now
+                self.session.ping(self._ping_seq)
+                self.flush()
+            elif self._ping_sent_at and now - self._ping_sent_at > timeout:
+                self._ping_sent_at = 0.0
+            self._keepalive = self.loop.call_later(interval / 2, tick)
+
+        self._keepalive = self.loop.call_later(interval / 2, tick)
+
+
+class _HeadCollector:
+    """Receives a flow's response head; then hands the stream back."""
+
+    def __init__(self, stream: MuxStream, protocol: str) -> None:
+        self.stream = stream
+        self.reader = FlowResponseReader(protocol)
+        self.result: asyncio.Future[FlowResponse] = stream.conn.loop.create_future()
+
+    def on_data(self, data: Buffer) -> None:
+        if self.result.done():
+            return
+        try:
+            response = self.reader.feed(data)
+        except RemoteProtocolError as exc:
+            self.result.set_exception(exc)
+            return
+        if response is not None:
+            self.stream.detach(self.reader.trailing)
+            self.result.set_result(response)
+
+    def on_eof(self) -> None:
+        if not self.result.done():
+            self.result.set_exception(
+                RemoteProtocolError("stream ended before a response", code="bad_response")
+            )
+
+    def on_closed(self, error: BaseException | None) -> None:
+        if not self.result.done():
+            self.result.set_exception(
+                ConnectionResetError(f"stream closed before a response: {error!r}")
+            )
+
+    def on_drained(self) -> None:
+        pass
+
+
+async def open_flow(
+    conn: MuxConnection, head: bytes, protocol: str = "tcp", deadline: float = 10.0
+) -> tuple[MuxStream, FlowResponse]:
+    """Open a stream, send a flow head, and wait for the response head. On a refusal the
+    stream is already finished; the caller reads ``response.error()``."""
+    stream = conn.open_stream()
+    collector = _HeadCollector(stream, protocol)
+    stream.attach(collector)
+    stream.write(head)
+    try:
+        async with asyncio.timeout(deadline):
+            response = await collector.result
+    except BaseException:
+        stream.abort()
+        raise
+    if not response.ok:
+        stream.abort()
+    return stream, response
+
+
+def monotonic() -> float:
+    return time.monotonic()
