@@ -306,12 +306,14 @@ def user_add(
 
 @user_app.command("list")
 def user_list(ctx: typer.Context, json_output: JsonOpt = False) -> None:
+    """List users."""
     api = _api(ctx, json_output)
     _emit(api.opts, api.get("/users"), USER_COLS)
 
 
 @user_app.command("show")
 def user_show(ctx: typer.Context, user: str, json_output: JsonOpt = False) -> None:
+    """Show one user (name or id)."""
     api = _api(ctx, json_output)
     _emit(api.opts, api.get(f"/users/{api.user_id(user)}"))
 
@@ -335,6 +337,7 @@ def user_disable(ctx: typer.Context, user: str) -> None:
 
 @user_app.command("enable")
 def user_enable(ctx: typer.Context, user: str) -> None:
+    """Enable a disabled user."""
     api = _api(ctx)
     out = api.call("POST", f"/users/{api.user_id(user)}/enable")
     _done(api.opts, f"enabled user {out['username']} ({out['id']})", out)
@@ -359,24 +362,28 @@ def user_set_password(
 
 @group_app.command("add")
 def group_add(ctx: typer.Context, name: str, description: str = "") -> None:
+    """Create a group."""
     api = _api(ctx)
     _emit(api.opts, api.call("POST", "/groups", body={"name": name, "description": description}))
 
 
 @group_app.command("list")
 def group_list(ctx: typer.Context, json_output: JsonOpt = False) -> None:
+    """List groups with their members."""
     api = _api(ctx, json_output)
     _emit(api.opts, api.get("/groups"), ("id", "name", "description", "members"))
 
 
 @group_app.command("show")
 def group_show(ctx: typer.Context, group: str, json_output: JsonOpt = False) -> None:
+    """Show one group."""
     api = _api(ctx, json_output)
     _emit(api.opts, api.get(f"/groups/{api.group_id(group)}"))
 
 
 @group_app.command("delete")
 def group_delete(ctx: typer.Context, group: str) -> None:
+    """Delete a group (its memberships and assignments go with it)."""
     api = _api(ctx)
     gid = api.group_id(group)
     api.call("DELETE", f"/groups/{gid}")
@@ -394,6 +401,7 @@ def group_add_member(ctx: typer.Context, group: str, member: str) -> None:
 
 @group_app.command("remove-member")
 def group_remove_member(ctx: typer.Context, group: str, member: str) -> None:
+    """Remove a user or group from a group."""
     api = _api(ctx)
     gid = api.group_id(group)
     mid = api.principal_id(member)
@@ -406,12 +414,14 @@ def group_remove_member(ctx: typer.Context, group: str, member: str) -> None:
 
 @cgroup_app.command("add")
 def cgroup_add(ctx: typer.Context, name: str, region: str = "") -> None:
+    """Create a connector group."""
     api = _api(ctx)
     _emit(api.opts, api.call("POST", "/connector-groups", body={"name": name, "region": region}))
 
 
 @cgroup_app.command("list")
 def cgroup_list(ctx: typer.Context, json_output: JsonOpt = False) -> None:
+    """List connector groups."""
     api = _api(ctx, json_output)
     cols = ("id", "name", "region", "is_default", "connectors")
     _emit(api.opts, api.get("/connector-groups"), cols)
@@ -419,6 +429,7 @@ def cgroup_list(ctx: typer.Context, json_output: JsonOpt = False) -> None:
 
 @cgroup_app.command("delete")
 def cgroup_delete(ctx: typer.Context, group: str) -> None:
+    """Delete an unused connector group."""
     api = _api(ctx)
     gid = api.connector_group_id(group)
     api.call("DELETE", f"/connector-groups/{gid}")
@@ -432,6 +443,7 @@ CONNECTOR_COLS = ("id", "name", "group_id", "state", "version", "last_seen_at", 
 def connector_list(
     ctx: typer.Context, group: str | None = None, json_output: JsonOpt = False
 ) -> None:
+    """List connectors."""
     api = _api(ctx, json_output)
     gid = api.connector_group_id(group) if group else None
     _emit(api.opts, api.get("/connectors", group_id=gid), CONNECTOR_COLS)
@@ -439,6 +451,7 @@ def connector_list(
 
 @connector_app.command("show")
 def connector_show(ctx: typer.Context, connector: str, json_output: JsonOpt = False) -> None:
+    """Show one connector (name or id)."""
     api = _api(ctx, json_output)
     _emit(api.opts, api.get(f"/connectors/{api.connector_id(connector)}"))
 
@@ -454,6 +467,7 @@ def connector_delete(ctx: typer.Context, connector: str) -> None:
 
 @connector_app.command("move")
 def connector_move(ctx: typer.Context, connector: str, group: str) -> None:
+    """Move a connector to another connector group."""
     api = _api(ctx)
     cid = api.connector_id(connector)
     out = api.call("POST", f"/connectors/{cid}/move", body={"group_id": group})
@@ -496,6 +510,7 @@ def app_add(
     kind: Annotated[str, typer.Option(help="enterprise or quick_access.")] = "enterprise",
     dns_suffix: Annotated[list[str] | None, typer.Option(help="Private DNS suffix.")] = None,
 ) -> None:
+    """Create an application (enterprise or quick_access)."""
     api = _api(ctx)
     body = {
         "name": name,
@@ -508,6 +523,7 @@ def app_add(
 
 @app_app.command("list")
 def app_list(ctx: typer.Context, json_output: JsonOpt = False) -> None:
+    """List applications."""
     api = _api(ctx, json_output)
     apps = api.get("/apps")
     if not api.opts.json:
@@ -520,6 +536,7 @@ def app_list(ctx: typer.Context, json_output: JsonOpt = False) -> None:
 
 @app_app.command("show")
 def app_show(ctx: typer.Context, application: str, json_output: JsonOpt = False) -> None:
+    """Show an application with its segments and assignments."""
     api = _api(ctx, json_output)
     out = api.get(f"/apps/{api.app_id(application)}")
     _emit(api.opts, out, title=out["name"])
@@ -531,6 +548,7 @@ def app_show(ctx: typer.Context, application: str, json_output: JsonOpt = False)
 
 @app_app.command("delete")
 def app_delete(ctx: typer.Context, application: str) -> None:
+    """Delete an application."""
     api = _api(ctx)
     aid = api.app_id(application)
     api.call("DELETE", f"/apps/{aid}")
@@ -548,6 +566,7 @@ def segment_add(
     ports: Annotated[str, typer.Option(help="e.g. 22 or 80,443 or 8000-8100.")],
     protocol: Annotated[str, typer.Option(help="tcp, udp or tcp,udp.")] = "tcp",
 ) -> None:
+    """Add a segment to an application; overlaps with other applications are refused."""
     api = _api(ctx)
     aid = api.app_id(application)
     body = {"type": type_, "destination": destination, "ports": ports, "protocol": protocol}
@@ -556,6 +575,7 @@ def segment_add(
 
 @segment_app.command("delete")
 def segment_delete(ctx: typer.Context, application: str, segment: str) -> None:
+    """Delete a segment of an application."""
     api = _api(ctx)
     aid = api.app_id(application)
     api.call("DELETE", f"/apps/{aid}/segments/{segment}")
@@ -573,6 +593,7 @@ def assign(ctx: typer.Context, application: str, principal: str) -> None:
 
 @app.command("unassign")
 def unassign(ctx: typer.Context, application: str, principal: str) -> None:
+    """Remove an assignment."""
     api = _api(ctx)
     aid = api.app_id(application)
     pid = api.principal_id(principal)
@@ -621,6 +642,7 @@ def audit_list(
     cursor: str | None = None,
     json_output: JsonOpt = False,
 ) -> None:
+    """Admin actions, newest first."""
     api = _api(ctx, json_output)
     page = api.get("/audit", limit=limit, since=since, cursor=cursor)
     if api.opts.json:
@@ -645,12 +667,14 @@ def token_add(
 
 @token_app.command("list")
 def token_list(ctx: typer.Context, json_output: JsonOpt = False) -> None:
+    """List admin API tokens."""
     api = _api(ctx, json_output)
     _emit(api.opts, api.get("/admin-tokens"), ("id", "name", "role", "revoked", "created_at"))
 
 
 @token_app.command("revoke")
 def token_revoke(ctx: typer.Context, token_id: str) -> None:
+    """Revoke an admin API token."""
     api = _api(ctx)
     api.call("DELETE", f"/admin-tokens/{token_id}")
     _done(api.opts, f"revoked token {token_id}", {"revoked": token_id})
