@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from sqlalchemy import select
 
 from limen.admin.api import build_router, install_error_handlers
-from limen.admin.auth import create_admin_token
+from limen.admin.auth import bootstrap_admin_token, create_admin_token
 from limen.bus.inprocess import CONFIG_CHANGED, SUBJECT_REVOKED, BusEvent
 from limen.config import load_settings
 from limen.pki import connector_id_from_cert, make_csr, new_key
@@ -564,3 +564,14 @@ def test_traffic_export_ndjson(api: httpx.Client, ctx: ServiceContext) -> None:
     lines = [json.loads(line) for line in r.text.splitlines()]
     assert len(lines) == 20 and {x["action"] for x in lines} == {"allow"}
     assert lines[0]["started_at"] >= lines[-1]["started_at"]
+
+
+def test_bootstrap_admin_token_file(ctx: ServiceContext, base_url: str, tmp_path: Path) -> None:
+    path = tmp_path / "boot" / "admin-token"
+    token = bootstrap_admin_token(ctx.store, path)
+    assert token is not None and token.startswith("lat_")
+    assert path.read_text().strip() == token
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert bootstrap_admin_token(ctx.store, path) is None  # never overwritten
+    with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {token}"}) as c:
+        ok(c.post("/api/v1/users", json={"username": "first"}), 201)
