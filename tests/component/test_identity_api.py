@@ -112,7 +112,7 @@ async def test_jwks_endpoint_verifies_issued_token(
 
 
 async def test_password_grant(client: httpx.AsyncClient, ctx: ServiceContext, alice: User) -> None:
-    response = await password_grant(client, device_id="dev_laptop")
+    response = await password_grant(client, device_id="dev_1a2b3c4d5e6f7a8b9c0d")
     assert response.status_code == 200
     assert response.headers["cache-control"] == "no-store"
     body = response.json()
@@ -123,7 +123,7 @@ async def test_password_grant(client: httpx.AsyncClient, ctx: ServiceContext, al
     assert claims.sub == alice.id
     assert claims.amr == ("pwd",)
     assert claims.ipaddr == "192.0.2.50"
-    assert claims.device_id == "dev_laptop"
+    assert claims.device_id == "dev_1a2b3c4d5e6f7a8b9c0d"
     assert claims.capabilities == ()
     assert ctx.settings.access_token_min_ttl <= body["expires_in"]
     assert body["expires_in"] <= ctx.settings.access_token_max_ttl
@@ -335,7 +335,7 @@ async def poll(client: httpx.AsyncClient, device_code: str) -> httpx.Response:
 async def test_device_flow_end_to_end(
     client: httpx.AsyncClient, ctx: ServiceContext, alice: User
 ) -> None:
-    grant = await start_device(client, client_capabilities="cp1", device_id="dev_tv")
+    grant = await start_device(client, client_capabilities="cp1", device_id="dev_00112233445566778899")
     assert re.fullmatch(r"[BCDFGHJKLMNPQRSTVWXZ]{4}-[BCDFGHJKLMNPQRSTVWXZ]{4}", grant["user_code"])
     assert grant["verification_uri"] == "https://idp.test/device"
     assert grant["verification_uri_complete"].endswith(f"?user_code={grant['user_code']}")
@@ -364,7 +364,7 @@ async def test_device_flow_end_to_end(
     claims = verify(ctx, done.json()["access_token"])
     assert claims.sub == alice.id
     assert claims.capabilities == ("cp1",)
-    assert claims.device_id == "dev_tv"
+    assert claims.device_id == "dev_00112233445566778899"
     assert done.json()["expires_in"] == ctx.settings.cae_token_ttl
 
     # Consumed once.

@@ -1,5 +1,25 @@
 """HTTP face of the identity service: OIDC discovery, JWKS, the token endpoint (RFC 6749 §3.2),
-the device authorization endpoint (RFC 8628 §3.1) and the page where users approve devices.
+the device authorization endpoint (RFC 8628 §3.1), the page where users approve devices, and
+the self-service MFA registration endpoints.
+
+Token endpoint parameters beyond RFC 6749 (all optional):
+
+- ``otp``: a TOTP or recovery code for the password grant. Valid → ``amr`` is
+  ``["pwd", "otp", "mfa"]`` and ``acr`` ``urn:limen:acr:mfa``; wrong → ``invalid_grant``;
+  absent → ``amr`` ``["pwd"]`` (policies at the edge decide whether that is enough).
+- ``acr_values=urn:limen:acr:mfa``: step-up re-authorization (RFC 9470 §4). A password grant
+  then fails with ``invalid_grant`` "a second factor is required" unless ``otp`` is valid; a
+  refresh grant fails the same way unless the session already has ``mfa``.
+- ``max_age`` (seconds, RFC 9470 §4 / OIDC Core §3.1.2.1): a refresh grant whose session
+  signed in longer ago fails with ``invalid_grant`` "re-authentication required"; the refresh
+  token is not spent.
+- ``device_id`` (``dev_`` + hex) with ``device_hostname``, ``device_os``,
+  ``device_os_version``, ``client_version``: registers or updates the user's device. Another
+  user's device is ``invalid_request``; a disabled one ``invalid_grant`` "device disabled".
+  A refresh re-checks the session's device.
+
+A successful response carries ``"mfa_registration_required": true`` when an admin requires MFA
+of a user who has not registered it yet: the token is still issued, the client tells the user.
 
 Rules kept here: token-endpoint errors are RFC 6749 §5.2 JSON with the service's stable codes;
 responses carrying tokens are ``Cache-Control: no-store`` (§5.1); every parameter appears at
@@ -10,6 +30,7 @@ every byte of user input put in HTML goes through :func:`html.escape`.
 from __future__ import annotations
 
 import html
+import json
 import logging
 import time
 from typing import Any
@@ -19,9 +40,25 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 
+from limen.bus.inprocess import SUBJECT_REVOKED
 from limen.errors import AuthError, LimenError
-from limen.identity.service import IdentityService, normalize_user_code
-from limen.identity.tokens import AccessTokenIssuer, jwks
+from limen.identity import mfa
+from limen.identity.mfa import has_totp
+from limen.identity.service import (
+    DEVICE_PARAMS,
+    DeviceInfo,
+    IdentityService,
+    normalize_user_code,
+    wants_mfa,
+)
+from limen.identity.tokens import (
+    EDGE_AUDIENCE,
+    AccessClaims,
+    AccessTokenIssuer,
+    KeySet,
+    TokenVerifier,
+    jwks,
+)
 from limen.service import ServiceContext
 from limen.store.models import SignInSession, User
 
@@ -110,6 +147,15 @@ def _check_client(params: dict[str, str]) -> str:
     return client_id
 
 
+def _max_age(params: dict[str, str]) -> float | None:
+    raw = params.get("max_age")
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit() or len(raw) > 10:
+        raise AuthError("max_age must be a non-negative integer", code="invalid_request")
+    return float(raw)
+
+
 def _client_ip(request: Request) -> str:
     return request.client.host if request.client is not None else ""
 
@@ -142,13 +188,16 @@ def build_router(ctx: ServiceContext) -> APIRouter:
             now=now,
             scope=scope,
         )
-        return {
+        body: dict[str, Any] = {
             "access_token": access,
             "token_type": "Bearer",
             "expires_in": expires_in,
             "refresh_token": refresh_token,
             "scope": scope,
         }
+        if user.mfa_required and not has_totp(user):
+            body["mfa_registration_required"] = True
+        return body
 
     def new_sign_in(
         user: User,
@@ -162,7 +211,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
         caps = _capabilities(params)
         if caps is None:
             caps = [str(c) for c in defaults.get("capabilities", [])]
-        device_id = params.get("device_id") or defaults.get("device_id") or None
+        device = DeviceInfo.from_params(params, defaults)
         scope = params.get("scope") or defaults.get("scope") or DEFAULT_SCOPE
         session = service.start_session(
             user,
@@ -170,7 +219,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
             amr=amr,
             ip_address=ip_address,
             capabilities=caps,
-            device_id=device_id,
+            device=device,
             now=now,
         )
         return tokens_for(
@@ -178,7 +227,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
             session,
             refresh_token=service.issue_refresh_token(session, now),
             capabilities=caps,
-            device_id=device_id,
+            device_id=session.device_id,
             ip_address=ip_address,
             scope=scope,
             now=now,
@@ -190,13 +239,22 @@ def build_router(ctx: ServiceContext) -> APIRouter:
         grant_type = _require(params, "grant_type")
         if grant_type == "password":
             username = _require(params, "username")
+            # Checked before the password so a malformed device id costs no Argon2 run.
+            DeviceInfo.from_params(params)
             user = service.authenticate_password(username, _require(params, "password"))
+            amr = service.second_factor(
+                user, params.get("otp"), step_up=wants_mfa(params.get("acr_values")), now=now
+            )
             return new_sign_in(
-                user, amr=["pwd"], params=params, defaults={}, ip_address=ip_address, now=now
+                user, amr=amr, params=params, defaults={}, ip_address=ip_address, now=now
             )
         if grant_type == "refresh_token":
             user, session, refresh = service.rotate_refresh_token(
-                _require(params, "refresh_token"), now
+                _require(params, "refresh_token"),
+                now,
+                max_age=_max_age(params),
+                require_mfa=wants_mfa(params.get("acr_values")),
+                device=DeviceInfo.from_params(params),
             )
             caps = _capabilities(params)
             return tokens_for(
@@ -204,7 +262,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
                 session,
                 refresh_token=refresh,
                 capabilities=list(session.capabilities or []) if caps is None else caps,
-                device_id=params.get("device_id") or session.device_id,
+                device_id=session.device_id,
                 # The address of this token request: a client whose address changed refreshes,
                 # and its new tokens carry the new address (design §5, network change).
                 ip_address=ip_address,
@@ -276,8 +334,13 @@ def build_router(ctx: ServiceContext) -> APIRouter:
             _check_client(params)
             caps = _capabilities(params) or []
             details: dict[str, Any] = {"capabilities": caps}
-            if params.get("device_id"):
-                details["device_id"] = params["device_id"]
+            device = DeviceInfo.from_params(params)
+            if device is not None:
+                details["device_id"] = device.id
+                details.update({p: params[p] for p in DEVICE_PARAMS if params.get(p)})
+            if params.get("acr_values"):
+                # Kept so the approval page can insist on a second factor (step-up).
+                details["acr_values"] = params["acr_values"]
             scope = params.get("scope") or DEFAULT_SCOPE
             details["scope"] = scope
             body = await run_in_threadpool(
@@ -311,7 +374,18 @@ def build_router(ctx: ServiceContext) -> APIRouter:
                 if action == "deny":
                     service.deny_device_code(user_code, now)
                     return "You denied the request. The device will not be signed in."
-                service.approve_device_code(user_code, user, ["pwd"], now)
+                request_details = service.device_code_request(user_code, now)
+            except AuthError as exc:
+                raise _CodeProblem(exc.message) from exc
+            # Same rules as the password grant's otp (wrong code: 401 below).
+            amr = service.second_factor(
+                user,
+                params.get("otp"),
+                step_up=wants_mfa(str(request_details.get("acr_values") or "")),
+                now=now,
+            )
+            try:
+                service.approve_device_code(user_code, user, amr, now)
             except AuthError as exc:
                 # Credentials were right: the code is the problem (400, not 401).
                 raise _CodeProblem(exc.message) from exc
@@ -328,7 +402,104 @@ def build_router(ctx: ServiceContext) -> APIRouter:
             return _device_form(user_code, error=exc.message, status=401)
         return _page("Device signed in", f"<p class=ok>{html.escape(message)}</p>", 200)
 
+    # --- self-service MFA registration ------------------------------------------------------
+
+    def bearer_user(authorization: str | None, now: float) -> User:
+        """The user whose live access token (RFC 6750 §2.1) authorizes this request."""
+        scheme, _, credentials = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not credentials.strip():
+            raise AuthError("an access token is required (Authorization: Bearer ...)")
+        # Keys are loaded per request: these calls are rare, and a rotation is then seen at
+        # once without a cache to invalidate.
+        verifier = TokenVerifier(
+            KeySet.load(ctx.store), issuer=settings.resolved_issuer, audience=EDGE_AUDIENCE
+        )
+        claims: AccessClaims = verifier.verify(credentials.strip(), now)
+        with ctx.store.session() as s:
+            user = s.get(User, claims.sub)
+            if user is None or not user.enabled:
+                raise AuthError("the token's user is unknown or disabled")
+            if claims.auth_time < user.revoked_before:
+                raise AuthError("the token has been revoked; sign in again")
+            signed_in = s.get(SignInSession, claims.sid) if claims.sid else None
+            if signed_in is None or signed_in.revoked_at is not None:
+                raise AuthError("the token's session has been revoked; sign in again")
+            return user
+
+    def begin_totp(authorization: str | None) -> dict[str, Any]:
+        now = time.time()
+        user = bearer_user(authorization, now)
+        secret, uri = service.mfa.begin_totp_enrollment(user, now)
+        ctx.audit(f"user:{user.username}", "user.mfa_begin", user.id)
+        return {
+            "secret": secret,
+            "otpauth_uri": uri,
+            "algorithm": "SHA1",
+            "digits": mfa.DIGITS,
+            "period": mfa.STEP_SECONDS,
+        }
+
+    def confirm_totp(authorization: str | None, code: str) -> dict[str, Any]:
+        now = time.time()
+        user = bearer_user(authorization, now)
+        codes = service.mfa.confirm_totp(user, code, now)
+        # Registering a factor re-evaluates every session (design §5): confirm_totp set
+        # revoked_before; the edges now cut the user's flows, and the client signs in again
+        # with the new factor.
+        ctx.bus.publish(SUBJECT_REVOKED, user_id=user.id, reason="mfa_registered", at=now)
+        ctx.audit(f"user:{user.username}", "user.mfa_register", user.id)
+        return {"recovery_codes": codes}
+
+    @router.post("/oauth2/mfa/totp")
+    async def mfa_totp_begin(request: Request) -> JSONResponse:
+        """Begin TOTP enrolment: ``{secret, otpauth_uri}`` for an authenticator app."""
+        try:
+            body = await run_in_threadpool(begin_totp, request.headers.get("authorization"))
+        except LimenError as exc:
+            return _bearer_error(exc)
+        return JSONResponse(body, headers=_NO_STORE)
+
+    @router.post("/oauth2/mfa/totp/confirm")
+    async def mfa_totp_confirm(request: Request) -> JSONResponse:
+        """Confirm enrolment with ``{"code": "123456"}``: ``{recovery_codes}``, shown once."""
+        try:
+            code = await _read_code(request)
+            body = await run_in_threadpool(confirm_totp, request.headers.get("authorization"), code)
+        except LimenError as exc:
+            return _bearer_error(exc)
+        return JSONResponse(body, headers=_NO_STORE)
+
     return router
+
+
+async def _read_code(request: Request) -> str:
+    raw = await request.body()
+    if len(raw) > _MAX_PARAM:
+        raise AuthError("the body is too large", code="invalid_request")
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    code = body.get("code") if isinstance(body, dict) else None
+    if not isinstance(code, str) or not code.strip():
+        raise AuthError('the body must be a JSON object {"code": "..."}', code="invalid_request")
+    return code
+
+
+def _bearer_error(error: LimenError) -> JSONResponse:
+    """Errors of the bearer-authenticated endpoints: RFC 6750 §3.1 for a bad token."""
+    if isinstance(error, AuthError) and error.code in {"invalid_token", "token_expired"}:
+        return JSONResponse(
+            {"error": "invalid_token", "error_description": error.message},
+            status_code=401,
+            headers={**_NO_STORE, "WWW-Authenticate": 'Bearer error="invalid_token"'},
+        )
+    status = 400 if isinstance(error, AuthError) else error.http_status
+    return JSONResponse(
+        {"error": error.code, "error_description": error.message},
+        status_code=status,
+        headers=_NO_STORE,
+    )
 
 
 class _CodeProblem(Exception):
@@ -362,6 +533,8 @@ def _device_form(user_code: str, *, error: str = "", status: int = 200) -> HTMLR
         "<label>Username <input name=username autocomplete=username required></label>"
         "<label>Password <input name=password type=password "
         "autocomplete=current-password required></label>"
+        "<label>One-time code (if you use an authenticator app) <input name=otp "
+        "inputmode=numeric autocomplete=one-time-code></label>"
         "<button name=action value=approve>Approve</button> "
         "<button name=action value=deny>Deny</button>"
         "</form>"

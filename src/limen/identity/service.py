@@ -1,5 +1,6 @@
-"""The identity service: password sign-in, sessions, rotating refresh tokens, the device
-authorization grant (RFC 8628) and session revocation.
+"""The identity service: password sign-in with an optional second factor, sessions, device
+registration, rotating refresh tokens, the device authorization grant (RFC 8628) and session
+revocation.
 
 Synchronous on purpose: every method is a short unit of work on the store, and the HTTP layer
 runs it in a thread pool. Time is passed in (``now``) so tests control it.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -23,10 +25,12 @@ from sqlalchemy.orm import Session
 
 from limen.config import Settings
 from limen.errors import AuthError, NotFound
+from limen.identity.mfa import MfaService, has_totp
 from limen.identity.passwords import dummy_hash, hash_password, needs_rehash, verify_password
+from limen.identity.tokens import ACR_MFA
 from limen.ids import new_id
 from limen.store.db import Store, token_hash
-from limen.store.models import DeviceCode, RefreshToken, SignInSession, User
+from limen.store.models import Device, DeviceCode, RefreshToken, SignInSession, User
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,66 @@ USER_CODE_LENGTH = 8
 #: RFC 8628 §3.5: a client that polls too fast has its interval raised by 5 seconds.
 SLOW_DOWN_STEP = 5
 _BAD_CREDENTIALS = "invalid username or password"
+SECOND_FACTOR_REQUIRED = "a second factor is required"
+#: Device ids are what the client generates: ``dev_`` and 20 hex digits (``new_id``); any
+#: length from 8 to 64 hex digits is accepted for other clients.
+DEVICE_ID = re.compile(r"dev_[0-9a-f]{8,64}")
+#: Longest device facts accepted: the widths of the ``devices`` columns.
+_DEVICE_FACT_LIMITS = {"hostname": 255, "os": 64, "os_version": 64, "client_version": 64}
+#: Form parameters that carry device facts → DeviceInfo fields.
+DEVICE_PARAMS = {
+    "device_hostname": "hostname",
+    "device_os": "os",
+    "device_os_version": "os_version",
+    "client_version": "client_version",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    """What a client says about the device it runs on. Empty facts are "not told" and leave
+    the stored value alone."""
+
+    id: str
+    hostname: str = ""
+    os: str = ""
+    os_version: str = ""
+    client_version: str = ""
+
+    def __post_init__(self) -> None:
+        if not DEVICE_ID.fullmatch(self.id):
+            raise AuthError(
+                "device_id must be 'dev_' followed by 8 to 64 lower-case hex digits",
+                code="invalid_request",
+            )
+        for name, limit in _DEVICE_FACT_LIMITS.items():
+            value = getattr(self, name)
+            if len(value) > limit or any(not ch.isprintable() for ch in value):
+                raise AuthError(
+                    f"{name}: at most {limit} printable characters", code="invalid_request"
+                )
+
+    @classmethod
+    def from_params(
+        cls, params: dict[str, str], defaults: dict[str, Any] | None = None
+    ) -> DeviceInfo | None:
+        """The device a token request names (its form ``params``, else the ``defaults`` the
+        device authorization request stored), or None when it names none."""
+        defaults = defaults or {}
+        device_id = params.get("device_id") or str(defaults.get("device_id") or "")
+        if not device_id:
+            return None
+        facts = {
+            field: params.get(param) or str(defaults.get(param) or "")
+            for param, field in DEVICE_PARAMS.items()
+        }
+        return cls(device_id, **facts)
+
+
+def wants_mfa(acr_values: str | None) -> bool:
+    """Whether an ``acr_values`` request parameter (space-separated, OIDC Core §3.1.2.1) asks
+    for multi-factor authentication: the step-up re-authorization of RFC 9470 §4."""
+    return ACR_MFA in (acr_values or "").split()
 
 
 def normalize_user_code(text: str) -> str:
@@ -57,6 +121,7 @@ class IdentityService:
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
         self.settings = settings
+        self.mfa = MfaService(store)
 
     # --- passwords --------------------------------------------------------------------------
 
@@ -79,6 +144,68 @@ class IdentityService:
                 user.password_hash = hash_password(password)
             return user
 
+    def second_factor(self, user: User, otp: str | None, *, step_up: bool, now: float) -> list[str]:
+        """The ``amr`` of a sign-in whose password was right, given the one-time code the user
+        gave (``otp``; None or empty when none).
+
+        - a valid code (TOTP or recovery code): ``["pwd", "otp", "mfa"]``;
+        - a wrong, replayed or spent code: ``invalid_grant`` (never a silent downgrade);
+        - no code: ``["pwd"]``, unless ``step_up`` (the client asked for
+          ``acr_values=urn:limen:acr:mfa``), then ``invalid_grant`` "a second factor is
+          required". Whether a password alone is enough is for policies to say, at the edge.
+        """
+        if not otp or not otp.strip():
+            if step_up:
+                raise AuthError(SECOND_FACTOR_REQUIRED, code="invalid_grant")
+            return ["pwd"]
+        if not has_totp(user):
+            raise AuthError(
+                "no second factor is registered for this user; register one first",
+                code="invalid_grant",
+            )
+        try:
+            self.mfa.verify_second_factor(user, otp, now)
+        except AuthError as exc:
+            # The token endpoint speaks RFC 6749 §5.2 codes; the reason stays in the text.
+            raise AuthError(exc.message, code="invalid_grant") from exc
+        return ["pwd", "otp", "mfa"]
+
+    # --- devices ----------------------------------------------------------------------------
+
+    def _touch_device(self, s: Session, user_id: str, device: DeviceInfo, now: float) -> None:
+        """Register ``device`` for ``user_id`` or update its facts (inside the caller's unit
+        of work). Another user's device is ``invalid_request``; a disabled one
+        ``invalid_grant`` "device disabled"."""
+        row = s.get(Device, device.id)
+        if row is None:
+            s.add(
+                Device(
+                    id=device.id,
+                    user_id=user_id,
+                    hostname=device.hostname,
+                    os=device.os,
+                    os_version=device.os_version,
+                    client_version=device.client_version,
+                    compliant=False,
+                    enabled=True,
+                    created_at=now,
+                    last_seen_at=now,
+                )
+            )
+            log.info("registered device %s for user %s", device.id, user_id)
+            return
+        if row.user_id is not None and row.user_id != user_id:
+            # Deliberately vague: do not confirm whose device it is.
+            raise AuthError("this device is registered to another user", code="invalid_request")
+        if not row.enabled:
+            raise AuthError("device disabled", code="invalid_grant")
+        row.user_id = user_id
+        for name in _DEVICE_FACT_LIMITS:
+            value = getattr(device, name)
+            if value:
+                setattr(row, name, value)
+        row.last_seen_at = now
+
     # --- sessions ---------------------------------------------------------------------------
 
     def start_session(
@@ -90,9 +217,14 @@ class IdentityService:
         ip_address: str,
         capabilities: list[str],
         device_id: str | None = None,
+        device: DeviceInfo | None = None,
         now: float,
     ) -> SignInSession:
-        """Record a sign-in (the ``sid`` of the tokens that follow)."""
+        """Record a sign-in (the ``sid`` of the tokens that follow). A ``device`` is
+        registered or updated in the same unit of work (see :meth:`_touch_device`), and
+        its id becomes the session's."""
+        if device is not None:
+            device_id = device.id
         session = SignInSession(
             id=new_id("session"),
             user_id=user.id,
@@ -106,6 +238,8 @@ class IdentityService:
             created_at=now,
         )
         with self.store.session() as s:
+            if device is not None:
+                self._touch_device(s, user.id, device, now)
             s.add(session)
         return session
 
@@ -132,11 +266,27 @@ class IdentityService:
         with self.store.session() as s:
             return self._add_refresh(s, session, new_id("refresh_family"), now)
 
-    def rotate_refresh_token(self, token: str, now: float) -> tuple[User, SignInSession, str]:
+    def rotate_refresh_token(
+        self,
+        token: str,
+        now: float,
+        *,
+        max_age: float | None = None,
+        require_mfa: bool = False,
+        device: DeviceInfo | None = None,
+    ) -> tuple[User, SignInSession, str]:
         """Spend ``token`` and return its user, its session and the next token of its family.
 
         Reuse of a spent token means it was stolen (or the client is broken): the whole family
         and its session are revoked (RFC 9700 §4.14.2).
+
+        Refused *before* the token is spent (so a client that cannot re-authenticate keeps
+        it): a session whose ``auth_time`` is more than ``max_age`` seconds old
+        (``invalid_grant`` "re-authentication required", OIDC Core §3.1.2.1, RFC 9470 §4);
+        with ``require_mfa``, a session without ``mfa`` in its amr (a refresh never adds a
+        factor); a ``device`` that is disabled, another user's, or not the session's own.
+        The session's device, if any, is re-checked even when ``device`` is None, so
+        disabling a device ends its refreshes.
         """
         reused = False
         with self.store.session() as s:
@@ -158,6 +308,11 @@ class IdentityService:
                     raise AuthError("this user is disabled", code="invalid_grant")
                 if session.revoked_at is not None or session.auth_time < user.revoked_before:
                     raise AuthError("the session has been revoked", code="invalid_grant")
+                if max_age is not None and now - session.auth_time > max_age:
+                    raise AuthError("re-authentication required", code="invalid_grant")
+                if require_mfa and "mfa" not in (session.amr or []):
+                    raise AuthError(SECOND_FACTOR_REQUIRED, code="invalid_grant")
+                self._check_session_device(s, user, session, device, now)
                 # Spend it with a conditional update so two concurrent uses cannot both win.
                 spent = s.execute(
                     update(RefreshToken)
@@ -181,6 +336,28 @@ class IdentityService:
         raise AuthError(
             "refresh token reuse detected; the session has been revoked", code="invalid_grant"
         )
+
+    def _check_session_device(
+        self,
+        s: Session,
+        user: User,
+        session: SignInSession,
+        device: DeviceInfo | None,
+        now: float,
+    ) -> None:
+        if device is not None:
+            if session.device_id and session.device_id != device.id:
+                # A session stays bound to the device it signed in on.
+                raise AuthError(
+                    "device_id is not the device this session signed in on",
+                    code="invalid_request",
+                )
+            self._touch_device(s, user.id, device, now)
+            session.device_id = device.id
+        elif session.device_id:
+            row = s.get(Device, session.device_id)
+            if row is not None and not row.enabled:
+                raise AuthError("device disabled", code="invalid_grant")
 
     def _revoke_family(
         self, s: Session, family_id: str, session: SignInSession, now: float
@@ -269,6 +446,12 @@ class IdentityService:
         if row.status != "pending":
             raise AuthError("this code has already been used", code="invalid_grant")
         return row
+
+    def device_code_request(self, user_code: str, now: float) -> dict[str, Any]:
+        """What the device showing ``user_code`` asked for (capabilities, device, acr_values),
+        so the approval page can apply the same second-factor rules as the token endpoint."""
+        with self.store.session() as s:
+            return dict(self._pending_code(s, user_code, now).request or {})
 
     def approve_device_code(self, user_code: str, user: User, amr: list[str], now: float) -> None:
         """The signed-in ``user`` approves the device showing ``user_code``."""
