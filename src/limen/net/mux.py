@@ -114,7 +114,9 @@ class MuxStream:
         return self._closed
 
     def attach(self, receiver: Receiver) -> None:
+        """Deliver to ``receiver`` from now on (what was held first); reading resumes."""
         self.receiver = receiver
+        self._paused = False
         if self._closed:
             self.receiver = None
             receiver.on_closed(None)
@@ -127,7 +129,7 @@ class MuxStream:
         if self._backlog_eof:
             self._backlog_eof = False
             receiver.on_eof()
-        if not self._paused and self._held:
+        if not self._paused and self._held and self.receiver is receiver:
             held, self._held = self._held, 0
             self.conn.session.acknowledge(self.stream_id, held, self.conn.now())
             self.conn.flush()
