@@ -184,7 +184,8 @@ Admin token: {data_dir / "admin-token"}     CA certificate: {ca}
 
 Try, in another shell:
   export LIMEN_API_URL={api} LIMEN_CA_FILE={ca} LIMEN_DATA_DIR={data_dir}
-  echo '{demo.password}' | limen client login --api {api} --ca-file {ca} --username {demo.username} --password-stdin
+  echo '{demo.password}' | limen client login --api {api} --ca-file {ca} \\
+       --username {demo.username} --password-stdin
   limen client forward {target} --listen 127.0.0.1:18081 &
   curl http://127.0.0.1:18081/
   curl -p --proxy https://{edge} --proxy-cacert {ca} \\

@@ -9,6 +9,7 @@ import socket
 import ssl
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -31,7 +32,7 @@ async def echo():
     await server.stop()
 
 
-async def _published(tenant: Tenant, echo: EchoServer, user: str = "alice") -> dict:
+async def _published(tenant: Tenant, echo: EchoServer, user: str = "alice") -> dict[str, Any]:
     alice = await tenant.user(user)
     await tenant.app("echo", [("ip", "127.0.0.1", str(echo.port))], [alice["id"]])
     await tenant.connector()

@@ -292,9 +292,9 @@ def client_login(
             else:
 
                 def show(start: dict[str, Any]) -> None:
+                    uri = start.get("verification_uri_complete") or start["verification_uri"]
                     typer.echo(
-                        f"To sign in, open {start.get('verification_uri_complete') or start['verification_uri']}"
-                        f"\nand confirm the code {start['user_code']}."
+                        f"To sign in, open {uri}\nand confirm the code {start['user_code']}."
                     )
 
                 auth.device_login(state, http, show)

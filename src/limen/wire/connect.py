@@ -112,7 +112,9 @@ def parse_authority(authority: str) -> tuple[str, int]:
         try:
             ipaddress.IPv6Address(host)
         except ValueError as exc:
-            raise RemoteProtocolError(f"bad IPv6 literal in {authority!r}", code="bad_target") from exc
+            raise RemoteProtocolError(
+                f"bad IPv6 literal in {authority!r}", code="bad_target"
+            ) from exc
     else:
         host, sep, port_text = authority.rpartition(":")
         if not sep or not host:
@@ -272,7 +274,9 @@ def encode_response(
     return "".join(lines).encode("latin-1") + (body if status not in (101, 200) else b"")
 
 
-def encode_refusal(status: int, code: str, message: str, headers: list[tuple[str, str]] | None = None) -> bytes:
+def encode_refusal(
+    status: int, code: str, message: str, headers: list[tuple[str, str]] | None = None
+) -> bytes:
     body = json.dumps({"error": code, "message": message}).encode()
     return encode_response(status, [("Content-Type", "application/json"), *(headers or [])], body)
 
@@ -321,7 +325,9 @@ class FlowResponseReader:
                 elif isinstance(event, h11.ConnectionClosed):
                     raise RemoteProtocolError("closed before a response", code="bad_response")
         except h11.RemoteProtocolError as exc:
-            raise RemoteProtocolError(f"malformed flow response: {exc}", code="bad_response") from exc
+            raise RemoteProtocolError(
+                f"malformed flow response: {exc}", code="bad_response"
+            ) from exc
 
     def _finish(self, *, switched: bool) -> FlowResponse:
         assert self._response is not None  # internal invariant, not peer data

@@ -246,9 +246,7 @@ class YamuxSession:
         stream = _Stream(self.initial_window)
         stream.acked = True
         self._streams[stream_id] = stream
-        self._frame(
-            TYPE_WINDOW_UPDATE, FLAG_SYN, stream_id, self.initial_window - INITIAL_WINDOW
-        )
+        self._frame(TYPE_WINDOW_UPDATE, FLAG_SYN, stream_id, self.initial_window - INITIAL_WINDOW)
         return stream_id
 
     def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> int:
@@ -488,14 +486,14 @@ class YamuxSession:
                 )
             events.append(StreamOpened(stream_id))
             return stream
-        stream = self._streams.get(stream_id)
-        if stream is None:
+        existing = self._streams.get(stream_id)
+        if existing is None:
             return None
         if flags & FLAG_RST:
             del self._streams[stream_id]
             events.append(StreamReset(stream_id))
             return None
-        return stream
+        return existing
 
     def _on_flags_close(self, flags: int, stream_id: int, events: list[Event]) -> None:
         if not flags & FLAG_FIN:
