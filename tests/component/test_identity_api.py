@@ -335,7 +335,9 @@ async def poll(client: httpx.AsyncClient, device_code: str) -> httpx.Response:
 async def test_device_flow_end_to_end(
     client: httpx.AsyncClient, ctx: ServiceContext, alice: User
 ) -> None:
-    grant = await start_device(client, client_capabilities="cp1", device_id="dev_00112233445566778899")
+    grant = await start_device(
+        client, client_capabilities="cp1", device_id="dev_00112233445566778899"
+    )
     assert re.fullmatch(r"[BCDFGHJKLMNPQRSTVWXZ]{4}-[BCDFGHJKLMNPQRSTVWXZ]{4}", grant["user_code"])
     assert grant["verification_uri"] == "https://idp.test/device"
     assert grant["verification_uri_complete"].endswith(f"?user_code={grant['user_code']}")
