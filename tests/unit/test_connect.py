@@ -603,3 +603,26 @@ def test_refusal_round_trip(status: int, code: str, message: str) -> None:
     assert resp.status == status
     assert not resp.ok
     assert resp.error() == (code, message or resp.error()[1])
+
+
+def test_refusal_body_delimited_by_close() -> None:
+    reader = FlowResponseReader()
+    assert reader.feed(b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\n\r\n") is None
+    assert reader.feed(b'{"error": "access_denied"') is None
+    assert reader.feed(b"}") is None
+    resp = reader.feed(b"")  # end of stream ends the body
+    assert resp is not None
+    assert resp.error() == ("access_denied", "Forbidden")
+
+
+def test_informational_response_before_200() -> None:
+    resp, trailing = read_response(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\r\nabc")
+    assert resp.status == 200
+    assert trailing == b"abc"
+
+
+def test_101_to_connect_is_a_bad_response() -> None:
+    reader = FlowResponseReader("tcp")
+    with pytest.raises(RemoteProtocolError) as info:
+        reader.feed(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+    assert info.value.code == "bad_response"
