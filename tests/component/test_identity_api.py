@@ -91,6 +91,7 @@ async def test_discovery_document(client: httpx.AsyncClient) -> None:
     assert doc["id_token_signing_alg_values_supported"] == ["ES256"]
     assert doc["token_endpoint_auth_methods_supported"] == ["none"]
     assert doc["claims_parameter_supported"] is True
+    assert doc["acr_values_supported"] == ["urn:limen:acr:pwd", "urn:limen:acr:mfa"]
     response = await client.get("/oauth2/authorize")
     assert response.status_code == 400
     assert response.json()["error"] == "unsupported_response_type"

@@ -259,9 +259,14 @@ async def test_step_up_requires_the_second_factor(
     secret, _ = enrol(ctx, alice)
     status, error, description = error_of(await password_grant(client, acr_values=ACR_MFA))
     assert (status, error, description) == (400, "invalid_grant", "a second factor is required")
-    both = await password_grant(
-        client, acr_values=f"{ACR_PASSWORD} {ACR_MFA}", otp=current_code(secret)
+    right = current_code(secret)
+    wrong = f"{(int(right) + 1) % 1_000_000:06d}"
+    status, error, description = error_of(
+        await password_grant(client, acr_values=ACR_MFA, otp=wrong)
     )
+    assert (status, error) == (400, "invalid_grant")
+    assert description.startswith("a second factor is required")
+    both = await password_grant(client, acr_values=f"{ACR_PASSWORD} {ACR_MFA}", otp=right)
     assert both.status_code == 200
     assert verify(ctx, both.json()["access_token"]).acr == ACR_MFA
 

@@ -52,6 +52,8 @@ from limen.identity.service import (
     wants_mfa,
 )
 from limen.identity.tokens import (
+    ACR_MFA,
+    ACR_PASSWORD,
     EDGE_AUDIENCE,
     AccessClaims,
     AccessTokenIssuer,
@@ -297,6 +299,8 @@ def build_router(ctx: ServiceContext) -> APIRouter:
             "token_endpoint_auth_methods_supported": ["none"],
             "scopes_supported": ["openid", "profile", "offline_access"],
             "claims_parameter_supported": True,
+            # RFC 9470 step-up: what acr_values may ask for.
+            "acr_values_supported": [ACR_PASSWORD, ACR_MFA],
         }
 
     @router.get("/oauth2/jwks")

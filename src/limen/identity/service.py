@@ -149,7 +149,8 @@ class IdentityService:
         gave (``otp``; None or empty when none).
 
         - a valid code (TOTP or recovery code): ``["pwd", "otp", "mfa"]``;
-        - a wrong, replayed or spent code: ``invalid_grant`` (never a silent downgrade);
+        - a wrong, replayed or spent code: ``invalid_grant`` (never a silent downgrade; with
+          ``step_up`` the description starts "a second factor is required");
         - no code: ``["pwd"]``, unless ``step_up`` (the client asked for
           ``acr_values=urn:limen:acr:mfa``), then ``invalid_grant`` "a second factor is
           required". Whether a password alone is enough is for policies to say, at the edge.
@@ -166,8 +167,10 @@ class IdentityService:
         try:
             self.mfa.verify_second_factor(user, otp, now)
         except AuthError as exc:
-            # The token endpoint speaks RFC 6749 §5.2 codes; the reason stays in the text.
-            raise AuthError(exc.message, code="invalid_grant") from exc
+            # The token endpoint speaks RFC 6749 §5.2 codes; the reason stays in the text,
+            # after the step-up refusal's fixed words when the client asked for MFA.
+            text = f"{SECOND_FACTOR_REQUIRED}: {exc.message}" if step_up else exc.message
+            raise AuthError(text, code="invalid_grant") from exc
         return ["pwd", "otp", "mfa"]
 
     # --- devices ----------------------------------------------------------------------------
