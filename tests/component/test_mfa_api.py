@@ -19,9 +19,11 @@ from limen.admin.api_mfa import add_mfa_routes
 from limen.admin.auth import create_admin_token
 from limen.bus.inprocess import CONFIG_CHANGED, SUBJECT_REVOKED, BusEvent
 from limen.config import load_settings
+from limen.errors import PolicyDenied
 from limen.identity.api import CLIENT_ID, DEVICE_CODE_GRANT, build_router
 from limen.identity.mfa import MfaService, time_step, totp_code
 from limen.identity.passwords import hash_password
+from limen.identity.service import SignInAttempt
 from limen.identity.tokens import ACR_MFA, ACR_PASSWORD, EDGE_AUDIENCE, KeySet, TokenVerifier
 from limen.service import ServiceContext, open_context
 from limen.store.identity_models import RecoveryCode
@@ -585,3 +587,42 @@ async def test_admin_devices(
         assert action in actions
     bad = await admin.post(f"/api/v1/devices/{DEVICE}/compliance", json={"compliant": 1})
     assert bad.status_code == 400
+
+
+# --- sign-in policy hook ----------------------------------------------------------------------
+
+
+async def test_sign_in_policy_can_block(ctx: ServiceContext, alice: User) -> None:
+    seen: list[SignInAttempt] = []
+    blocking = [False]
+
+    def check(attempt: SignInAttempt) -> None:
+        seen.append(attempt)
+        if blocking[0]:
+            raise PolicyDenied(
+                "blocked by policy pol_outside: source address outside trusted locations",
+                code="sign_in_blocked",
+            )
+
+    app = fastapi.FastAPI()
+    app.include_router(build_router(ctx, sign_in_check=check))
+    transport = httpx.ASGITransport(app=app, client=("198.51.100.7", 40000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://idp.test") as client:
+        tokens = (await password_grant(client, device_id=DEVICE)).json()
+        assert (seen[0].grant_type, tuple(seen[0].amr)) == ("password", ("pwd",))
+        assert (seen[0].ip_address, seen[0].device_id, seen[0].user.id) == (
+            "198.51.100.7",
+            DEVICE,
+            alice.id,
+        )
+        tokens = (await refresh(client, tokens["refresh_token"])).json()
+        assert seen[1].grant_type == "refresh_token" and seen[1].device_id == DEVICE
+
+        blocking[0] = True
+        status, error, description = error_of(await password_grant(client))
+        assert (status, error) == (400, "sign_in_blocked")
+        assert "pol_outside" in description
+        assert error_of(await refresh(client, tokens["refresh_token"]))[1] == "sign_in_blocked"
+        # A blocked refresh does not spend the token: once the policy allows, it works.
+        blocking[0] = False
+        assert (await refresh(client, tokens["refresh_token"])).status_code == 200

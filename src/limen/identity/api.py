@@ -41,13 +41,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 
 from limen.bus.inprocess import SUBJECT_REVOKED
-from limen.errors import AuthError, LimenError
+from limen.errors import AuthError, LimenError, PolicyDenied
 from limen.identity import mfa
 from limen.identity.mfa import has_totp
 from limen.identity.service import (
     DEVICE_PARAMS,
     DeviceInfo,
     IdentityService,
+    SignInAttempt,
+    SignInCheck,
     normalize_user_code,
     wants_mfa,
 )
@@ -89,8 +91,9 @@ _PAGE_HEADERS = {
 
 
 def _oauth_error(error: LimenError) -> JSONResponse:
-    if isinstance(error, AuthError):
-        # RFC 6749 §5.2: 400, except 401 for a client that failed to authenticate.
+    if isinstance(error, AuthError | PolicyDenied):
+        # RFC 6749 §5.2: 400, except 401 for a client that failed to authenticate. A sign-in
+        # blocked by policy is a 400 too, with the policy's code and reason.
         status = 401 if error.code == "invalid_client" else 400
     else:
         status = error.http_status  # e.g. 503 when the store is unavailable
@@ -162,8 +165,12 @@ def _client_ip(request: Request) -> str:
     return request.client.host if request.client is not None else ""
 
 
-def build_router(ctx: ServiceContext) -> APIRouter:
-    """The identity endpoints, bound to ``ctx``."""
+def build_router(ctx: ServiceContext, *, sign_in_check: SignInCheck | None = None) -> APIRouter:
+    """The identity endpoints, bound to ``ctx``.
+
+    ``sign_in_check`` is the sign-in policy: called for every sign-in and refresh before a
+    token is issued (and before the refresh token is spent); it blocks by raising.
+    """
     settings = ctx.settings
     service = IdentityService(ctx.store, settings)
     issuer = AccessTokenIssuer(ctx.store, settings)
@@ -204,6 +211,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
     def new_sign_in(
         user: User,
         *,
+        grant_type: str,
         amr: list[str],
         params: dict[str, str],
         defaults: dict[str, Any],
@@ -215,6 +223,17 @@ def build_router(ctx: ServiceContext) -> APIRouter:
             caps = [str(c) for c in defaults.get("capabilities", [])]
         device = DeviceInfo.from_params(params, defaults)
         scope = params.get("scope") or defaults.get("scope") or DEFAULT_SCOPE
+        if sign_in_check is not None:
+            sign_in_check(
+                SignInAttempt(
+                    user=user,
+                    grant_type=grant_type,
+                    amr=tuple(amr),
+                    ip_address=ip_address,
+                    device_id=device.id if device is not None else None,
+                    client_id=CLIENT_ID,
+                )
+            )
         session = service.start_session(
             user,
             client_id=CLIENT_ID,
@@ -248,7 +267,13 @@ def build_router(ctx: ServiceContext) -> APIRouter:
                 user, params.get("otp"), step_up=wants_mfa(params.get("acr_values")), now=now
             )
             return new_sign_in(
-                user, amr=amr, params=params, defaults={}, ip_address=ip_address, now=now
+                user,
+                grant_type=grant_type,
+                amr=amr,
+                params=params,
+                defaults={},
+                ip_address=ip_address,
+                now=now,
             )
         if grant_type == "refresh_token":
             user, session, refresh = service.rotate_refresh_token(
@@ -257,6 +282,8 @@ def build_router(ctx: ServiceContext) -> APIRouter:
                 max_age=_max_age(params),
                 require_mfa=wants_mfa(params.get("acr_values")),
                 device=DeviceInfo.from_params(params),
+                check=sign_in_check,
+                ip_address=ip_address,
             )
             caps = _capabilities(params)
             return tokens_for(
@@ -276,7 +303,13 @@ def build_router(ctx: ServiceContext) -> APIRouter:
                 _require(params, "device_code"), client_id, now
             )
             return new_sign_in(
-                user, amr=amr, params=params, defaults=request, ip_address=ip_address, now=now
+                user,
+                grant_type=grant_type,
+                amr=amr,
+                params=params,
+                defaults=request,
+                ip_address=ip_address,
+                now=now,
             )
         raise AuthError(
             f"grant type {grant_type!r} is not supported", code="unsupported_grant_type"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -96,6 +97,27 @@ class DeviceInfo:
             for param, field in DEVICE_PARAMS.items()
         }
         return cls(device_id, **facts)
+
+
+@dataclass(frozen=True, slots=True)
+class SignInAttempt:
+    """What a sign-in (or a refresh) would grant, for a policy to judge before any token is
+    issued (design §4: sign-in is an enforcement point)."""
+
+    user: User
+    #: ``password``, ``refresh_token`` or the device code grant's URN.
+    grant_type: str
+    amr: Sequence[str]
+    #: The source address of the token request, as the identity service sees it.
+    ip_address: str
+    device_id: str | None
+    client_id: str
+
+
+#: A sign-in policy check: returns to allow, raises a
+#: :class:`~limen.errors.LimenError` (typically :class:`~limen.errors.PolicyDenied`) to block;
+#: the error's code and message reach the client unchanged.
+SignInCheck = Callable[[SignInAttempt], None]
 
 
 def wants_mfa(acr_values: str | None) -> bool:
@@ -277,6 +299,8 @@ class IdentityService:
         max_age: float | None = None,
         require_mfa: bool = False,
         device: DeviceInfo | None = None,
+        check: SignInCheck | None = None,
+        ip_address: str = "",
     ) -> tuple[User, SignInSession, str]:
         """Spend ``token`` and return its user, its session and the next token of its family.
 
@@ -287,7 +311,8 @@ class IdentityService:
         it): a session whose ``auth_time`` is more than ``max_age`` seconds old
         (``invalid_grant`` "re-authentication required", OIDC Core §3.1.2.1, RFC 9470 §4);
         with ``require_mfa``, a session without ``mfa`` in its amr (a refresh never adds a
-        factor); a ``device`` that is disabled, another user's, or not the session's own.
+        factor); a ``device`` that is disabled, another user's, or not the session's own;
+        whatever ``check`` (the sign-in policy) refuses for a request from ``ip_address``.
         The session's device, if any, is re-checked even when ``device`` is None, so
         disabling a device ends its refreshes.
         """
@@ -316,6 +341,17 @@ class IdentityService:
                 if require_mfa and "mfa" not in (session.amr or []):
                     raise AuthError(SECOND_FACTOR_REQUIRED, code="invalid_grant")
                 self._check_session_device(s, user, session, device, now)
+                if check is not None:
+                    check(
+                        SignInAttempt(
+                            user=user,
+                            grant_type="refresh_token",
+                            amr=tuple(session.amr or []),
+                            ip_address=ip_address,
+                            device_id=session.device_id,
+                            client_id=session.client_id,
+                        )
+                    )
                 # Spend it with a conditional update so two concurrent uses cannot both win.
                 spent = s.execute(
                     update(RefreshToken)
