@@ -8,6 +8,7 @@ import json
 import logging
 import secrets
 import ssl
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,9 @@ def instructions(service: Service, demo: DemoTenant, data_dir: Path) -> str:
     api = service.api_url
     edge = service.edge_address
     target = f"{demo.intranet_host}:{demo.intranet_port}"
+    # `limen` lives in the virtualenv the quick start created, which is not on PATH.
+    bindir = Path(sys.executable).parent
+    path = f" PATH={bindir}:$PATH" if (bindir / "limen").exists() else ""
     return f"""
 Limen is running (identity + admin API {api}, edge {edge}, data in {data_dir}).
 
@@ -183,10 +187,11 @@ Demo tenant: user '{demo.username}', password '{demo.password}'
 Admin token: {data_dir / "admin-token"}     CA certificate: {ca}
 
 Try, in another shell:
-  export LIMEN_API_URL={api} LIMEN_CA_FILE={ca} LIMEN_DATA_DIR={data_dir}
+  export LIMEN_API_URL={api} LIMEN_CA_FILE={ca} LIMEN_DATA_DIR={data_dir}{path}
   echo '{demo.password}' | limen client login --api {api} --ca-file {ca} \\
        --username {demo.username} --password-stdin
   limen client forward {target} --listen 127.0.0.1:18081 &
+  sleep 2   # until it prints "forwarding 127.0.0.1:18081 -> ..."
   curl http://127.0.0.1:18081/
   curl -p --proxy https://{edge} --proxy-cacert {ca} \\
        --proxy-header "Proxy-Authorization: Bearer $(limen client token)" http://{target}/
