@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -12,15 +13,19 @@ from typing import Any
 
 import httpx
 import pytest
+import typer
 import uvicorn
 from fastapi import FastAPI
 from sqlalchemy import select
+from typer.testing import CliRunner, Result
 
+import limen.cli.admin as admin_cli
 import limen.store.policy_models  # noqa: F401  (registers the tables on Base.metadata)
 from limen.admin.api import build_router, install_error_handlers
 from limen.admin.api_policies import add_policy_routes
 from limen.admin.auth import create_admin_token
 from limen.bus.inprocess import CONFIG_CHANGED, BusEvent
+from limen.cli.policy import location_app, policy_app
 from limen.config import load_settings
 from limen.service import ServiceContext, open_context
 from limen.store.models import AuditRecord, Device
@@ -442,3 +447,102 @@ def test_sign_in_policies_in_what_if(api: httpx.Client, tenant: dict[str, str]) 
     out = ok(api.post("/policies/what-if", json={"user_id": "bob", "app_id": "wiki",
                                                  "ip": "198.51.100.1"}))  # fmt: skip
     assert out["decision"]["action"] == "allow"
+
+
+# --- the CLI ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli(ctx: ServiceContext, base_url: str, tmp_path: Path) -> CliRunner:
+    """A runner whose environment points ``limen admin`` at the test API."""
+    token = create_admin_token(ctx.store, "cli", "admin")
+    return CliRunner(env={"LIMEN_DATA_DIR": str(tmp_path / "cli"), "LIMEN_API_URL": base_url,
+                          "LIMEN_ADMIN_TOKEN": token, "LIMEN_CA_FILE": None})  # fmt: skip
+
+
+def _admin_root() -> typer.Typer:
+    """``limen admin`` with this module's groups (the lead registers them on the real app)."""
+    root = typer.Typer()
+    root.callback()(admin_cli.main)
+    root.add_typer(policy_app, name="policy")
+    root.add_typer(location_app, name="location")
+    return root
+
+
+def run(cli: CliRunner, *args: str, stdin: str | None = None, code: int = 0) -> Result:
+    result = cli.invoke(_admin_root(), list(args), input=stdin)
+    assert result.exit_code == code, (result.output, result.stderr, result.exception)
+    return result
+
+
+def test_cli_policies_locations_and_what_if(
+    cli: CliRunner, api: httpx.Client, tenant: dict[str, str], tmp_path: Path
+) -> None:
+    run(cli, "location", "add", "branch", "--cidr", "192.0.2.0/24", "--cidr", "198.51.100.0/24")
+    locations = json.loads(run(cli, "--json", "location", "list").stdout)
+    assert {x["name"]: x["trusted"] for x in locations} == {"branch": False, "office": True}
+    bad = run(cli, "location", "add", "x", "--cidr", "300.0.0.0/8", code=1)
+    assert bad.stderr.startswith("error: invalid_location: cidrs[0]:")
+
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({
+        "name": "finance MFA", "state": "report_only", "groups": {"include": ["staff"]},
+        "target": {"apps": ["finance"]}, "grant": {"require": ["mfa"]},
+    }))  # fmt: skip
+    created = json.loads(run(cli, "--json", "policy", "add", "--file", str(path)).stdout)
+    assert created["state"] == "report_only" and created["groups"]["include"] == [tenant["staff"]]
+    listed = run(cli, "policy", "list").stdout
+    assert "finance MFA" in listed and "report_only" in listed and "mfa" in listed
+    shown = json.loads(run(cli, "policy", "show", "finance MFA").stdout)
+    assert shown["id"] == created["id"]
+
+    out = run(cli, "policy", "what-if", "--user", "alice", "--app", "finance").stdout
+    assert "decision: allow" in out and "challenge" in out  # reported, not enforced
+    assert "is on" in run(cli, "policy", "set-state", "finance MFA", "on").stdout
+    out = run(cli, "policy", "what-if", "--user", "alice", "--app", "finance").stdout
+    assert "decision: challenge" in out and "acr_values=urn:limen:acr:mfa" in out
+    out = run(
+        cli,
+        "policy",
+        "what-if",
+        "--user",
+        "alice",
+        "--app",
+        "finance",
+        "--mfa",
+        "--device-platform",
+        "linux",
+        "--not-compliant",
+        "--ip",
+        "10.0.0.1",
+    ).stdout
+    assert "decision: allow" in out
+    what = json.loads(run(cli, "--json", "policy", "what-if", "--user", "bob", "--app",
+                          "finance").stdout)  # fmt: skip
+    assert what["policies"][0]["not_applied_because"].startswith("users.include")
+
+    versions = json.loads(run(cli, "--json", "policy", "versions", created["id"]).stdout)
+    assert [v["state"] for v in versions] == ["on", "report_only"]
+    bad_state = run(cli, "policy", "set-state", "finance MFA", "maybe", code=1)
+    assert bad_state.stderr.startswith("error: invalid_request: state:")
+
+    typo = tmp_path / "typo.json"
+    typo.write_text(
+        json.dumps(
+            {
+                "name": "t",
+                "users": {"include": ["all"]},
+                "target": "all_private",
+                "grant": {"require": ["mfaa"]},
+            }
+        )
+    )
+    failed = run(cli, "policy", "add", "--file", str(typo), code=1)
+    assert failed.stderr.startswith("error: invalid_policy: grant.require[0]: unknown control")
+    not_json = run(cli, "policy", "add", "--file", "-", stdin="{nope", code=1)
+    assert "not JSON" in not_json.stderr
+
+    run(cli, "policy", "delete", "finance MFA")
+    assert ok(api.get("/policies")) == []
+    run(cli, "location", "delete", "branch")
+    assert [x["name"] for x in ok(api.get("/locations"))] == ["office"]
