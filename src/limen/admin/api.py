@@ -26,6 +26,7 @@ from limen.admin._common import ensure_default_connector_group
 from limen.admin.api_apps import add_app_routes
 from limen.admin.api_identity import add_identity_routes
 from limen.admin.api_logs import add_log_routes
+from limen.admin.api_mfa import add_mfa_routes
 from limen.errors import LimenError
 from limen.service import ServiceContext
 
@@ -36,6 +37,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
     add_identity_routes(router, ctx)
     add_app_routes(router, ctx)
     add_log_routes(router, ctx)
+    add_mfa_routes(router, ctx)
     return router
 
 

@@ -309,3 +309,8 @@ class AdminToken(Base):
     role: Mapped[str] = mapped_column(String(16), default="admin")
     created_at: Mapped[float] = mapped_column(Float)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+# Tables defined beside their feature register on the same metadata (imported last: they
+# import ``Base`` from here).
+from limen.store import identity_models as _identity_models  # noqa: E402, F401
