@@ -285,14 +285,8 @@ def _not_applied(spec: PolicySpec, ctx: EvaluationContext) -> str | None:
     return None
 
 
-def _control_met(spec: PolicySpec, control: str, ctx: EvaluationContext) -> bool:
-    if control == "mfa":
-        return "mfa" in ctx.amr
-    if control == "compliant_device":
-        return ctx.device_compliant is True
-    # sign_in_frequency: the last interactive authentication is recent enough.
-    age = spec.max_age_minutes
-    return ctx.auth_time is not None and age is not None and ctx.now - ctx.auth_time <= age * 60
+_ALLOWED: Final = ("allow", ())
+_BLOCKED: Final = ("block", ("block",))
 
 
 def _grant(spec: PolicySpec, ctx: EvaluationContext) -> tuple[str, tuple[str, ...]]:
@@ -301,22 +295,38 @@ def _grant(spec: PolicySpec, ctx: EvaluationContext) -> tuple[str, tuple[str, ..
     For a challenge, the unmet controls are the ones to ask for.
     """
     if spec.block:
-        return "block", ("block",)
-    unmet = tuple(c for c in spec.require if not _control_met(spec, c, ctx))
+        return _BLOCKED
+    # A plain loop, not a helper per control: this runs for every applying policy of every
+    # new flow.
+    unmet: list[str] = []
+    for c in spec.require:
+        if c == "mfa":
+            met = "mfa" in ctx.amr
+        elif c == "compliant_device":
+            met = ctx.device_compliant is True
+        else:  # sign_in_frequency: the last interactive sign-in is recent enough
+            age = spec.max_age_minutes
+            met = (
+                ctx.auth_time is not None
+                and age is not None
+                and ctx.now - ctx.auth_time <= age * 60
+            )
+        if not met:
+            unmet.append(c)
     if not unmet:
-        return "allow", ()
+        return _ALLOWED
     if spec.operator == "one":
         if len(unmet) < len(spec.require):
-            return "allow", ()
+            return _ALLOWED
         # None met: ask for the first control signing in again can satisfy, in the admin's
         # order; if there is none (only compliant_device), it is a block.
         for c in spec.require:
             if c in STEP_UP_CONTROLS:
                 return "challenge", (c,)
-        return "block", unmet
+        return "block", tuple(unmet)
     if "compliant_device" in unmet:
-        return "block", unmet
-    return "challenge", unmet
+        return "block", tuple(unmet)
+    return "challenge", tuple(unmet)
 
 
 def _describe(p: _Compiled, result: str, unmet: tuple[str, ...]) -> str:
