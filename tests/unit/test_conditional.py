@@ -629,7 +629,7 @@ def _reference(
 _RANK = {"block": 0, "challenge": 1, "allow": 2}
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(policy_lists, contexts)
 def test_index_agrees_with_brute_force(
     policies: list[tuple[str, dict[str, Any]]], context: EvaluationContext
@@ -638,7 +638,7 @@ def test_index_agrees_with_brute_force(
     assert PolicySet.compile(entries).evaluate(context) == _reference(entries, context)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(policy_lists, policy_docs(), st.integers(0, 6), contexts)
 def test_adding_report_only_never_changes_the_enforced_decision(
     policies: list[tuple[str, dict[str, Any]]],
@@ -660,7 +660,7 @@ def test_adding_report_only_never_changes_the_enforced_decision(
     assert len(after.applied) == len(before.applied)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(policy_lists, st.integers(0, 5), contexts)
 def test_an_exclude_never_grants_more_than_removing_the_user(
     policies: list[tuple[str, dict[str, Any]]], which: int, context: EvaluationContext
