@@ -220,7 +220,7 @@ async def echo_roundtrip(session: EdgeSession, port: int, payload: bytes = b"pin
 
     stream.attach(Collect())
     stream.write(payload)
-    async with asyncio.timeout(3):
+    async with asyncio.timeout(10):
         await done
     stream.close()
     return bytes(got)

@@ -27,6 +27,7 @@ from limen.admin.api_apps import add_app_routes
 from limen.admin.api_identity import add_identity_routes
 from limen.admin.api_logs import add_log_routes
 from limen.admin.api_mfa import add_mfa_routes
+from limen.admin.api_policies import add_policy_routes
 from limen.errors import LimenError
 from limen.service import ServiceContext
 
@@ -38,6 +39,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
     add_app_routes(router, ctx)
     add_log_routes(router, ctx)
     add_mfa_routes(router, ctx)
+    add_policy_routes(router, ctx)
     return router
 
 

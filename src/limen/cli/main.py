@@ -29,12 +29,12 @@ client_app = typer.Typer(no_args_is_help=True, help="Reach private apps from thi
 app.add_typer(connector_app, name="connector")
 app.add_typer(client_app, name="client")
 
-try:
-    from limen.cli.admin import app as admin_app
+from limen.cli.admin import app as admin_app  # noqa: E402
+from limen.cli.policy import location_app, policy_app  # noqa: E402
 
-    app.add_typer(admin_app, name="admin", help="Administer users, apps, connectors, logs.")
-except ImportError:  # pragma: no cover - during partial installs
-    pass
+admin_app.add_typer(policy_app, name="policy", help="Conditional-access policies.")
+admin_app.add_typer(location_app, name="location", help="Named locations.")
+app.add_typer(admin_app, name="admin", help="Administer users, apps, connectors, logs.")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML settings file.")]
 DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Where state lives.")]

@@ -314,3 +314,4 @@ class AdminToken(Base):
 # Tables defined beside their feature register on the same metadata (imported last: they
 # import ``Base`` from here).
 from limen.store import identity_models as _identity_models  # noqa: E402, F401
+from limen.store import policy_models as _policy_models  # noqa: E402, F401
