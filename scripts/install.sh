@@ -28,7 +28,7 @@ done
 # Third-party servers and clients the e2e tests and benchmarks drive for real.
 packages=(
   openssh-server openssh-client nginx-light iperf3 dnsutils dnsmasq-base stunnel4
-  nftables tinyproxy socat curl iproute2 procps ca-certificates
+  nftables tinyproxy socat curl iproute2 procps ca-certificates netcat-openbsd
 )
 
 is_installed() {
