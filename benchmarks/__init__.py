@@ -11,11 +11,26 @@ directory and returns an object with ``name``, ``setup(target_port) -> listen_po
 from __future__ import annotations
 
 from .common import PathSpec
+from .limen_path import LimenPath, limen_asyncio
 
-# >>> PLACEHOLDER for the lead: the Limen paths (client → edge → connector → target on
-# loopback), e.g. PathSpec("limen", "limen client → edge → connector", LimenPath,
-# baseline=False). Empty until the data plane lands; the suite then measures baselines only.
-LIMEN_PATHS: list[PathSpec] = []
+# The Limen paths (client → edge → connector → target on loopback), compared with every
+# baseline: as shipped (uvloop when installed) and with the standard asyncio loop. The plain
+# CONNECT path (curl-style, one TLS connection per flow) is not a port forward, so it is not
+# measured here.
+LIMEN_PATHS: list[PathSpec] = [
+    PathSpec(
+        "limen",
+        "limen client forward → edge → connector (yamux over TLS)",
+        LimenPath,
+        baseline=False,
+    ),
+    PathSpec(
+        "limen-asyncio",
+        "the same with the standard asyncio loop (LIMEN_UVLOOP=0)",
+        limen_asyncio,
+        baseline=False,
+    ),
+]
 
 
 def extra_paths() -> list[PathSpec]:
