@@ -1,6 +1,6 @@
 """Developer helper: autogenerate an Alembic revision from the models.
 
-    .venv/bin/python scripts/new_migration.py "add foo"
+.venv/bin/python scripts/new_migration.py "add foo"
 """
 
 from __future__ import annotations

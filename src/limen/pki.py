@@ -89,8 +89,11 @@ class IssuedCert:
 
 class Pki:
     def __init__(
-        self, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
-        server_cert_pem: str, server_key_pem: str,
+        self,
+        ca_cert: x509.Certificate,
+        ca_key: ec.EllipticCurvePrivateKey,
+        server_cert_pem: str,
+        server_key_pem: str,
     ) -> None:
         self.ca_cert = ca_cert
         self._ca_key = ca_key
@@ -107,7 +110,9 @@ class Pki:
                 ca_key = new_key()
                 ca_cert = _self_signed_ca(ca_key)
                 ca_row = PkiMaterial(
-                    name=CA_NAME, cert_pem=cert_pem(ca_cert), key_pem=key_pem(ca_key),
+                    name=CA_NAME,
+                    cert_pem=cert_pem(ca_cert),
+                    key_pem=key_pem(ca_key),
                     created_at=time.time(),
                 )
                 s.add(ca_row)
@@ -117,12 +122,18 @@ class Pki:
             if srv is None or not _covers(srv.cert_pem, names):
                 skey = new_key()
                 scert = _issue(
-                    ca_cert, ca_key, skey.public_key(), settings.public_host,
-                    ttl=825 * 86400, sans=names, server=True,
+                    ca_cert,
+                    ca_key,
+                    skey.public_key(),
+                    settings.public_host,
+                    ttl=825 * 86400,
+                    sans=names,
+                    server=True,
                 )
                 if srv is None:
-                    srv = PkiMaterial(name=SERVER_NAME, cert_pem="", key_pem="",
-                                      created_at=time.time())
+                    srv = PkiMaterial(
+                        name=SERVER_NAME, cert_pem="", key_pem="", created_at=time.time()
+                    )
                     s.add(srv)
                 srv.cert_pem = cert_pem(scert)
                 srv.key_pem = key_pem(skey)
@@ -137,10 +148,18 @@ class Pki:
             raise ConfigError("the certificate request is not a PEM CSR") from exc
         if not csr.is_signature_valid:
             raise ConfigError("the certificate request's signature is invalid")
-        cert = _issue(self.ca_cert, self._ca_key, csr.public_key(), connector_id, ttl=ttl,
-                      sans=[], server=False)
-        return IssuedCert(cert_pem(cert), format(cert.serial_number, "x"),
-                          cert.not_valid_after_utc.timestamp())
+        cert = _issue(
+            self.ca_cert,
+            self._ca_key,
+            csr.public_key(),
+            connector_id,
+            ttl=ttl,
+            sans=[],
+            server=False,
+        )
+        return IssuedCert(
+            cert_pem(cert), format(cert.serial_number, "x"), cert.not_valid_after_utc.timestamp()
+        )
 
 
 def connector_id_from_cert(der: bytes) -> tuple[str, str]:
@@ -187,9 +206,15 @@ def _self_signed_ca(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -199,8 +224,14 @@ def _self_signed_ca(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
 
 
 def _issue(
-    ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, public_key: object,
-    common_name: str, *, ttl: int, sans: list[str], server: bool,
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    public_key: object,
+    common_name: str,
+    *,
+    ttl: int,
+    sans: list[str],
+    server: bool,
 ) -> x509.Certificate:
     attrs = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
     if not server:

@@ -64,6 +64,8 @@ class TransportEndpoint(asyncio.Protocol):
         self._closed = False
         self._eof = False
         self._error: BaseException | None = None
+        self._backlog: list[bytes] = []
+        self._tls = False
         self.connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # asyncio.Protocol ----------------------------------------------------------------------
@@ -71,6 +73,7 @@ class TransportEndpoint(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        self._tls = transport.get_extra_info("ssl_object") is not None
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             try:
@@ -86,13 +89,20 @@ class TransportEndpoint(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.receiver is not None:
             self.receiver.on_data(data)
+            return
+        # No receiver yet. Reading was paused in connection_made, but an event loop may
+        # deliver one read before the pause takes effect (uvloop does): keep it for attach().
+        self._backlog.append(data)
+        if self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         self._eof = True
         if self.receiver is not None:
             self.receiver.on_eof()
-        # Keep the socket open for the other direction (TCP half-close); TLS cannot.
-        return True
+        # Keep a TCP socket open for the other direction (half-close); TLS has none.
+        return not self._tls
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -123,6 +133,11 @@ class TransportEndpoint(asyncio.Protocol):
 
     def attach(self, receiver: Receiver) -> None:
         self.receiver = receiver
+        backlog, self._backlog = self._backlog, []
+        for chunk in backlog:
+            receiver.on_data(chunk)
+            if self.receiver is not receiver:
+                return
         if self._closed:
             self.receiver = None
             receiver.on_closed(self._error)
