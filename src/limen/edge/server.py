@@ -484,6 +484,9 @@ class Edge:
         BYTES_TOTAL.labels("up").inc(up)
         BYTES_TOTAL.labels("down").inc(down)
         record.update(ended_at=time.time(), bytes_up=up, bytes_down=down, close_reason=str(reason))
+        if relay.error is not None and reason is CloseReason.ERROR:
+            record["reason"] = f"relay failed: {relay.error!r}"[:500]
+            log.warning("flow %s ended by an error: %r", flow.flow_id, relay.error)
         self.traffic.submit(record)
 
     def _refuse(
