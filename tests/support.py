@@ -116,6 +116,12 @@ class Tenant:
         await asyncio.to_thread(do_login)
         return EdgeSession(state)
 
+    async def wait_config(self) -> None:
+        """Bounded wait until the edge runs on the newest configuration."""
+        assert self.service.ctx is not None
+        version = self.service.ctx.store.config_version()
+        await self.wait_edge_sees(lambda e: e.snapshot.version >= version)
+
     async def wait_edge_sees(self, predicate: Any) -> None:
         """Bounded wait until the edge's snapshot satisfies ``predicate``."""
         edge = self.service.edge

@@ -257,6 +257,8 @@ def client_login(
     no_cae: Annotated[
         bool, typer.Option("--no-cae", help="Do not declare the cp1 capability.")
     ] = False,
+    otp: Annotated[str, typer.Option(help="One-time code (TOTP or recovery code).")] = "",
+    mfa: Annotated[bool, typer.Option("--mfa", help="Require a second factor (step-up).")] = False,
 ) -> None:
     """Sign in (device code by default; --password-stdin for scripts)."""
     from limen.client import auth
@@ -288,7 +290,14 @@ def client_login(
                     typer.echo("error: --username is required with --password-stdin", err=True)
                     raise typer.Exit(2)
                 password = sys.stdin.readline().rstrip("\n")
-                auth.password_login(state, http, username, password)
+                auth.password_login(
+                    state,
+                    http,
+                    username,
+                    password,
+                    otp=otp,
+                    acr_values=auth.ACR_MFA if mfa or otp else "",
+                )
             else:
 
                 def show(start: dict[str, Any]) -> None:
@@ -382,6 +391,7 @@ def client_forward(
 
     async def main() -> None:
         session = load_session(_state_file())
+        session.reauthenticate = _reauthenticator(session.state)
         await session.warm_up()
         server = await serve_forward(session, host, port, lhost, lport, on_refused=_print_refusal)
         bound = server.sockets[0].getsockname()
@@ -410,6 +420,7 @@ def client_socks(
 
     async def main() -> None:
         session = load_session(_state_file())
+        session.reauthenticate = _reauthenticator(session.state)
         await session.warm_up()
         server = await serve_socks(session, lhost, lport, on_refused=_print_refusal)
         bound = server.sockets[0].getsockname()
@@ -421,6 +432,41 @@ def client_socks(
             await session.close()
 
     _run(main)
+
+
+def _reauthenticator(state: Any) -> Any:
+    """What a running client does when the edge challenges a flow: prompt on a terminal,
+    or say clearly what to run when there is none (scripts, services)."""
+    from limen.client import auth
+
+    def reauthenticate(refusal: Any) -> bool:
+        step_up = refusal.code == "insufficient_user_authentication"
+        hint = "limen client login" + (" --mfa --otp CODE" if step_up else "")
+        typer.echo(f"limen: access paused: {refusal.message}", err=True)
+        if not sys.stdin.isatty() or not state.username:
+            typer.echo(f"limen: sign in again with `{hint}`; the flow was refused", err=True)
+            return False
+        import getpass
+
+        password = getpass.getpass(f"Password for {state.username}: ")
+        otp = getpass.getpass("One-time code: ") if step_up else ""
+        try:
+            with auth.http_client(state) as http:
+                auth.password_login(
+                    state,
+                    http,
+                    state.username,
+                    password,
+                    otp=otp,
+                    acr_values=auth.ACR_MFA if step_up else "",
+                )
+        except LimenError as exc:
+            typer.echo(f"limen: sign-in failed: {exc.code}: {exc.message}", err=True)
+            return False
+        typer.echo("limen: signed in again; resuming", err=True)
+        return True
+
+    return reauthenticate
 
 
 def _print_refusal(target: str, exc: Any) -> None:

@@ -64,11 +64,26 @@ def _common(state: ClientState) -> dict[str, str]:
     return form
 
 
-def password_login(state: ClientState, http: httpx.Client, username: str, password: str) -> None:
-    data = _token_request(
-        http,
-        {**_common(state), "grant_type": "password", "username": username, "password": password},
-    )
+ACR_MFA = "urn:limen:acr:mfa"
+
+
+def password_login(
+    state: ClientState,
+    http: httpx.Client,
+    username: str,
+    password: str,
+    *,
+    otp: str = "",
+    acr_values: str = "",
+) -> None:
+    """Password grant, with a one-time code when given; ``acr_values`` asks for a step-up
+    (RFC 9470) so a missing second factor is an error rather than a weaker token."""
+    form = {**_common(state), "grant_type": "password", "username": username, "password": password}
+    if otp:
+        form["otp"] = otp
+    if acr_values:
+        form["acr_values"] = acr_values
+    data = _token_request(http, form)
     state.username = username
     _store_tokens(state, data)
 

@@ -34,6 +34,15 @@ class FlowRefused(LimenError):
         self.www_authenticate = www_authenticate
 
 
+#: Asked to sign the user in again after a challenge; returns True when it did (the flow is
+#: then retried once with the new token). Runs in a worker thread: it may prompt.
+Reauthenticate = Callable[["FlowRefused"], bool]
+
+CHALLENGE_CODES = frozenset(
+    {"insufficient_user_authentication", "session_revoked", "user_disabled", "unknown_user"}
+)
+
+
 class EdgeSession:
     """Keeps up to ``connections`` multiplexed TLS connections to the edge and opens flows
     on the least busy one. Tokens are refreshed ahead of expiry (in a worker thread: the
@@ -46,8 +55,12 @@ class EdgeSession:
         state_file: StateFile | None = None,
         connections: int = 2,
         process_name: str = "",
+        reauthenticate: Reauthenticate | None = None,
     ) -> None:
         self.state = state
+        self.reauthenticate = reauthenticate
+        #: Why access is paused (the last challenge), for ``status``; "" when flowing.
+        self.paused_reason = ""
         self.state_file = state_file
         self.max_connections = connections
         self.conns: list[MuxConnection] = []
@@ -144,15 +157,31 @@ class EdgeSession:
                 conn.close()
                 continue
             if response.ok:
+                self.paused_reason = ""
                 return stream, response
             code, message = response.error()
+            refusal = FlowRefused(
+                response.status, code, message, response.headers.get("www-authenticate", "")
+            )
             if response.status == 401 and code == "token_expired" and not retried:
                 retried = True
                 await self.access_token(force_refresh=True)
                 continue
-            raise FlowRefused(
-                response.status, code, message, response.headers.get("www-authenticate", "")
-            )
+            if response.status == 401 and code in CHALLENGE_CODES:
+                self.paused_reason = f"{code}: {message}"
+                if not retried and self.reauthenticate is not None:
+                    retried = True
+                    if await asyncio.to_thread(self._reauthenticate, refusal):
+                        continue
+            raise refusal
+
+    def _reauthenticate(self, refusal: FlowRefused) -> bool:
+        assert self.reauthenticate is not None
+        with self._refresh_lock:
+            done = self.reauthenticate(refusal)
+            if done and self.state_file is not None:
+                self.state_file.save(self.state)
+            return done
 
     async def close(self) -> None:
         for conn in self.conns:

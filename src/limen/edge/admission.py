@@ -3,8 +3,10 @@ passed in) — so every allow and refusal path is a table-driven test.
 
 Order of checks (each refusal says which one failed): bearer token present → token valid
 (signature, issuer, audience, lifetime) → user known and enabled → token not older than the
-user's revocation time (continuous access evaluation) → a segment publishes the destination
-→ its application is enabled → the user is assigned to it.
+user's revocation time (continuous access evaluation) → the token's device, if any, is
+enabled → a segment publishes the destination → its application is enabled → the user is
+assigned to it → conditional-access policies (block → 403; a missing factor or a too-old
+sign-in → 401 step-up challenge, RFC 9470).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from limen.edge.snapshot import AppInfo, Snapshot
 from limen.errors import AuthError
 from limen.identity.tokens import AccessClaims, TokenVerifier
+from limen.policy.conditional import EvaluationContext, PolicyDecision
 from limen.policy.segments import SegmentSpec
 from limen.wire.connect import FlowRequest
 
@@ -31,6 +34,8 @@ class Decision:
     app: AppInfo | None = None
     segment: SegmentSpec | None = None
     www_authenticate: str | None = None
+    #: policies that applied (enforced first, then report-only as ``id:would-decide``)
+    policy_ids: tuple[str, ...] = ()
 
     @property
     def allowed(self) -> bool:
@@ -52,8 +57,31 @@ def _challenge(code: str, reason: str, header: str, claims: AccessClaims | None 
     return Decision("challenge", 401, code, reason, claims=claims, www_authenticate=header)
 
 
+def step_up_challenge(decision: PolicyDecision) -> str:
+    """RFC 9470 §3: the client must come back with a stronger or fresher sign-in."""
+    parts = [
+        'Bearer realm="limen"',
+        'error="insufficient_user_authentication"',
+        f'error_description="{_quote(decision.reason)}"',
+    ]
+    if decision.acr_values:
+        parts.append(f'acr_values="{decision.acr_values}"')
+    if decision.max_age is not None:
+        parts.append(f'max_age="{decision.max_age}"')
+    return ", ".join(parts)
+
+
+def _quote(text: str) -> str:
+    return text.replace("\\", "").replace('"', "'")[:300]
+
+
 def admit(
-    request: FlowRequest, *, snapshot: Snapshot, verifier: TokenVerifier, now: float
+    request: FlowRequest,
+    *,
+    snapshot: Snapshot,
+    verifier: TokenVerifier,
+    now: float,
+    source_ip: str = "",
 ) -> Decision:
     token = request.bearer_token
     if token is None:
@@ -89,6 +117,9 @@ def admit(
             claims_challenge(user.revoked_before),
             claims,
         )
+    device = snapshot.devices.get(claims.device_id) if claims.device_id else None
+    if device is not None and not device.enabled:
+        return Decision("block", 403, "device_disabled", "this device is disabled", claims=claims)
     segment = snapshot.segments.match(request.host, request.port, request.protocol)
     if segment is None:
         return Decision(
@@ -118,4 +149,46 @@ def admit(
             app=app,
             segment=segment,
         )
-    return Decision("allow", 200, "", "", claims=claims, app=app, segment=segment)
+    context = EvaluationContext(
+        user_id=claims.sub,
+        app_id=app.id,
+        app_kind=app.kind,
+        group_ids=snapshot.user_groups.get(claims.sub, frozenset()),
+        source_ip=source_ip or None,
+        location_ids=snapshot.locations.match(source_ip) if source_ip else frozenset(),
+        device_platform=device.platform if device is not None else None,
+        device_compliant=device.compliant if device is not None else None,
+        user_risk=user.risk_level,
+        amr=frozenset(claims.amr),
+        auth_time=claims.auth_time,
+        now=now,
+        capabilities=frozenset(claims.capabilities),
+    )
+    policy = snapshot.policies.evaluate(context)
+    applied = policy.applied + tuple(f"{pid}:{would}" for pid, would in policy.report_only)
+    if policy.action == "block":
+        return Decision(
+            "block",
+            403,
+            "policy_blocked",
+            policy.reason,
+            claims=claims,
+            app=app,
+            segment=segment,
+            policy_ids=applied,
+        )
+    if policy.action == "challenge":
+        return Decision(
+            "challenge",
+            401,
+            "insufficient_user_authentication",
+            policy.reason,
+            claims=claims,
+            app=app,
+            segment=segment,
+            policy_ids=applied,
+            www_authenticate=step_up_challenge(policy),
+        )
+    return Decision(
+        "allow", 200, "", "", claims=claims, app=app, segment=segment, policy_ids=applied
+    )

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import select
 
-from limen.errors import ConfigError
+from limen.errors import ConfigError, LimenError
 from limen.identity.tokens import KeySet
+from limen.policy.conditional import LocationIndex, PolicySet, normalize_platform
 from limen.policy.segments import SegmentIndex, SegmentSpec
 from limen.store.db import Store
 from limen.store.models import (
@@ -21,6 +22,7 @@ from limen.store.models import (
     Assignment,
     Connector,
     ConnectorGroup,
+    Device,
     GroupMember,
     Segment,
     User,
@@ -49,6 +51,16 @@ class UserState:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceState:
+    id: str
+    user_id: str
+    #: policy platform (linux, windows, macos, ios, android) or None when unknown
+    platform: str | None
+    compliant: bool
+    enabled: bool
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectorInfo:
     id: str
     name: str
@@ -67,6 +79,11 @@ class Snapshot:
     connectors: dict[str, ConnectorInfo] = field(default_factory=dict)
     connector_groups: dict[str, str] = field(default_factory=dict)
     keys: KeySet = field(default_factory=lambda: KeySet({}))
+    #: user id → every group the user is in (nested groups resolved)
+    user_groups: dict[str, frozenset[str]] = field(default_factory=dict)
+    devices: dict[str, DeviceState] = field(default_factory=dict)
+    policies: PolicySet = field(default_factory=lambda: PolicySet.compile([]))
+    locations: LocationIndex = field(default_factory=lambda: LocationIndex(()))
 
 
 def expand_groups(members: list[tuple[str, str]]) -> dict[str, frozenset[str]]:
@@ -142,6 +159,26 @@ def load_snapshot(store: Store) -> Snapshot:
             for c in s.scalars(select(Connector))
         }
         cgroups = {g.id: g.name for g in s.scalars(select(ConnectorGroup))}
+        user_groups: dict[str, set[str]] = defaultdict(set)
+        for group_id, user_ids in groups.items():
+            for user_id in user_ids:
+                user_groups[user_id].add(group_id)
+        devices = {
+            d.id: DeviceState(
+                d.id, d.user_id or "", normalize_platform(d.os), d.compliant, d.enabled
+            )
+            for d in s.scalars(select(Device))
+        }
+        from limen.admin.api_policies import load_location_index, load_policy_entries
+
+        try:
+            policies = PolicySet.compile(load_policy_entries(s))
+        except LimenError as exc:
+            # A stored policy no longer parses: fail closed for everyone rather than
+            # silently dropping the policy (it may be a block).
+            log.error("conditional-access policies cannot be compiled: %s", exc)
+            raise
+        locations = load_location_index(s)
     return Snapshot(
         version=version,
         segments=SegmentIndex.build(specs),
@@ -151,4 +188,8 @@ def load_snapshot(store: Store) -> Snapshot:
         connectors=connectors,
         connector_groups=cgroups,
         keys=KeySet.load(store),
+        user_groups={k: frozenset(v) for k, v in user_groups.items()},
+        devices=devices,
+        policies=policies,
+        locations=locations,
     )
