@@ -217,6 +217,7 @@ class MuxConnection(asyncio.Protocol):
         self.closed: asyncio.Future[BaseException | None] = self.loop.create_future()
         self.ready: asyncio.Future[None] = self.loop.create_future()
         self._last_rx = 0.0
+        self._last_progress = 0.0
         self._keepalive: asyncio.TimerHandle | None = None
         self._ping_sent_at = 0.0
         self._ping_seq = 0
@@ -349,16 +350,28 @@ class MuxConnection(asyncio.Protocol):
     def start_keepalive(
         self, interval: float = KEEPALIVE_INTERVAL, timeout: float = KEEPALIVE_TIMEOUT
     ) -> None:
-        """Ping when idle; close when the peer has been silent for ``timeout``."""
+        """Ping when idle; close when the peer shows no sign of life for ``timeout``.
+
+        Sign of life: bytes received, or our send buffer draining (the peer's TCP stack is
+        taking our data). The second matters when we send in bulk: a pong queued behind
+        megabytes of data can take longer than ``timeout`` to come back, yet the peer is
+        plainly alive while it drains them. A frozen or cut-off peer stops both.
+        """
+        last_buffered = 0
 
         def tick() -> None:
-            if self.closed.done():
+            nonlocal last_buffered
+            if self.closed.done() or self.transport is None:
                 return
             now = self.now()
-            if now - self._last_rx > timeout:
-                log.warning("%s: peer silent for %.1fs, closing", self.name, now - self._last_rx)
-                if self.transport is not None:
-                    self.transport.abort()
+            buffered = self.transport.get_write_buffer_size()
+            if buffered < last_buffered or (buffered and not last_buffered):
+                self._last_progress = now
+            last_buffered = buffered
+            alive_at = max(self._last_rx, self._last_progress)
+            if now - alive_at > timeout:
+                log.warning("%s: peer silent for %.1fs, closing", self.name, now - alive_at)
+                self.transport.abort()
                 return
             if now - self._last_rx >= interval and not self._ping_sent_at:
                 self._ping_seq = (self._ping_seq + 1) & 0xFFFFFFFF
