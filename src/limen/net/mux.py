@@ -10,7 +10,9 @@ stops sending; nothing here buffers without bound.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import time
 from collections.abc import Callable
 from typing import cast
@@ -234,6 +236,12 @@ class MuxConnection(asyncio.Protocol):
         # uvloop's transports implement the interface without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         self._last_rx = self.now()
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Window updates and pings are tiny; Nagle would hold them behind unacknowledged
+            # data (and the peer's delayed ACK), stalling every stream on the connection.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if not self.ready.done():
             self.ready.set_result(None)
 
