@@ -20,6 +20,7 @@ from limen.errors import ConfigError, Conflict, NotFound
 from limen.ids import kind_of, new_id
 from limen.policy.segments import SegmentSpec
 from limen.service import ServiceContext
+from limen.store.db import bump_config_version
 from limen.store.models import (
     Application,
     Assignment,
@@ -123,9 +124,12 @@ def resolve_principal(s: Session, ref: str) -> User | Group:
 
 
 def revoke_user(s: Session, user: User, now: float) -> None:
-    """Tokens issued before now are void; sessions and refresh families are revoked."""
+    """Tokens issued before now are void; sessions and refresh families are revoked. The
+    config version is bumped too: an edge in another process learns of the revocation from
+    its next snapshot and cuts the user's live flows."""
     user.revoked_before = max(user.revoked_before, now)
     user.updated_at = now
+    bump_config_version(s)
     s.execute(
         update(SignInSession)
         .where(SignInSession.user_id == user.id, SignInSession.revoked_at.is_(None))
@@ -228,3 +232,4 @@ def older_than(q: Select[TrafficRecord], at: float, flow_id: str) -> Select[Traf
             and_(TrafficRecord.started_at == at, TrafficRecord.flow_id < flow_id),
         )
     )
+

@@ -71,12 +71,7 @@ class Store:
 
     def bump_config_version(self, session: Session) -> None:
         """Mark configuration as changed (inside the caller's unit of work)."""
-        row = session.get(ConfigVersion, 1)
-        if row is None:
-            session.add(ConfigVersion(id=1, version=1, changed_at=time.time()))
-        else:
-            row.version += 1
-            row.changed_at = time.time()
+        bump_config_version(session)
 
     def config_version(self) -> int:
         with self.session() as s:
@@ -94,6 +89,17 @@ def _sqlite_pragmas(dbapi_conn: object, _record: object) -> None:
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
+
+
+def bump_config_version(session: Session) -> None:
+    """Mark configuration as changed inside ``session``'s unit of work, so every edge node
+    recompiles its snapshot (at once in this process via the bus, else on its next poll)."""
+    row = session.get(ConfigVersion, 1)
+    if row is None:
+        session.add(ConfigVersion(id=1, version=1, changed_at=time.time()))
+    else:
+        row.version += 1
+        row.changed_at = time.time()
 
 
 def token_hash(token: str) -> str:
