@@ -43,6 +43,10 @@ class Settings:
     extra_san: list[str] = field(default_factory=list)
     #: Issuer URL of tokens; empty means ``https://<public_host>:<api_port>``.
     issuer: str = ""
+    #: A plain-HTTP Prometheus endpoint for processes without the API (``limen edge``);
+    #: 0 disables it. The API serves ``/metrics`` itself.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
     log_format: str = "text"  # text | json
     log_level: str = "INFO"
     #: Access-token lifetime bounds (seconds) for clients without the ``cp1`` capability.

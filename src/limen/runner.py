@@ -67,6 +67,14 @@ class Service:
         if self.run_edge and edge_sock is not None:
             self.edge = Edge(self.ctx)
             await self.edge.start(edge_sock)
+        if self.settings.metrics_port and not self.run_api:
+            from prometheus_client import start_http_server
+
+            from limen.metrics import REGISTRY
+
+            start_http_server(
+                self.settings.metrics_port, self.settings.metrics_host, registry=REGISTRY
+            )
         if api_sock is not None:
             cert = data_dir / "server-cert.pem"
             key = data_dir / "server-key.pem"
