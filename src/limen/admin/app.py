@@ -14,6 +14,8 @@ from limen.admin.api import install_error_handlers
 from limen.identity.api import build_router as identity_router
 from limen.metrics import REGISTRY
 from limen.service import ServiceContext
+from limen.signals.actions import EnforcementRecorder
+from limen.signals.receiver import build_push_router
 
 
 def create_app(ctx: ServiceContext) -> FastAPI:
@@ -25,6 +27,9 @@ def create_app(ctx: ServiceContext) -> FastAPI:
     install_error_handlers(app)
     app.include_router(identity_router(ctx))
     app.include_router(admin_router(ctx))
+    # Shared Signals push (RFC 8935), and the audit of signals and of what the edges cut.
+    app.include_router(build_push_router(ctx))
+    EnforcementRecorder.install(ctx)
 
     @app.get("/.well-known/limen-client", tags=["client"])
     def client_config() -> dict[str, Any]:

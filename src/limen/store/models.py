@@ -315,3 +315,4 @@ class AdminToken(Base):
 # import ``Base`` from here).
 from limen.store import identity_models as _identity_models  # noqa: E402, F401
 from limen.store import policy_models as _policy_models  # noqa: E402, F401
+from limen.store import signal_models as _signal_models  # noqa: E402, F401

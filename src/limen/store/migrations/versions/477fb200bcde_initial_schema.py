@@ -1,8 +1,8 @@
 """initial schema
 
-Revision ID: 5695063f15e0
+Revision ID: 477fb200bcde
 Revises:
-Create Date: 2026-11-22 00:20:56.237068
+Create Date: 2026-11-22 00:39:37.151332
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 
-revision = "5695063f15e0"
+revision = "477fb200bcde"
 down_revision = None
 branch_labels = None
 depends_on = None
@@ -173,6 +173,37 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_sessions_user_id"), ["user_id"], unique=False)
 
     op.create_table(
+        "set_replay_cache",
+        sa.Column("iss", sa.String(length=512), nullable=False),
+        sa.Column("jti", sa.String(length=255), nullable=False),
+        sa.Column("expires_at", sa.Float(), nullable=False),
+        sa.PrimaryKeyConstraint("iss", "jti"),
+    )
+    with op.batch_alter_table("set_replay_cache", schema=None) as batch_op:
+        batch_op.create_index("ix_set_replay_expires", ["expires_at"], unique=False)
+
+    op.create_table(
+        "signals",
+        sa.Column("id", sa.String(length=40), nullable=False),
+        sa.Column("source", sa.String(length=600), nullable=False),
+        sa.Column("subject", sa.Text(), nullable=False),
+        sa.Column("user_id", sa.String(length=40), nullable=False),
+        sa.Column("device_id", sa.String(length=40), nullable=False),
+        sa.Column("event_type", sa.String(length=255), nullable=False),
+        sa.Column("jti", sa.String(length=255), nullable=False),
+        sa.Column("received_at", sa.Float(), nullable=False),
+        sa.Column("event_timestamp", sa.Float(), nullable=False),
+        sa.Column("action", sa.String(length=255), nullable=False),
+        sa.Column("flows_cut", sa.Integer(), nullable=True),
+        sa.Column("time_to_cut_ms", sa.Float(), nullable=True),
+        sa.Column("detail", sa.JSON(), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+    )
+    with op.batch_alter_table("signals", schema=None) as batch_op:
+        batch_op.create_index("ix_signals_received", ["received_at"], unique=False)
+        batch_op.create_index("ix_signals_user", ["user_id", "received_at"], unique=False)
+
+    op.create_table(
         "signing_keys",
         sa.Column("kid", sa.String(length=64), nullable=False),
         sa.Column("private_pem", sa.Text(), nullable=False),
@@ -180,6 +211,33 @@ def upgrade() -> None:
         sa.Column("active", sa.Boolean(), nullable=False),
         sa.Column("created_at", sa.Float(), nullable=False),
         sa.PrimaryKeyConstraint("kid"),
+    )
+    op.create_table(
+        "ssf_transmitters",
+        sa.Column("id", sa.String(length=40), nullable=False),
+        sa.Column("name", sa.String(length=255), nullable=False),
+        sa.Column("issuer", sa.String(length=512), nullable=False),
+        sa.Column("jwks_uri", sa.String(length=1024), nullable=False),
+        sa.Column("metadata_doc", sa.JSON(), nullable=False),
+        sa.Column("configuration_endpoint", sa.String(length=1024), nullable=False),
+        sa.Column("delivery_method", sa.String(length=8), nullable=False),
+        sa.Column("endpoint_url", sa.String(length=1024), nullable=False),
+        sa.Column("auth_token", sa.Text(), nullable=False),
+        sa.Column("push_token_hash", sa.String(length=64), nullable=False),
+        sa.Column("audience", sa.String(length=512), nullable=False),
+        sa.Column("stream_id", sa.String(length=255), nullable=False),
+        sa.Column("events_requested", sa.JSON(), nullable=False),
+        sa.Column("events_delivered", sa.JSON(), nullable=False),
+        sa.Column("status", sa.String(length=16), nullable=False),
+        sa.Column("status_reason", sa.Text(), nullable=False),
+        sa.Column("verification_state", sa.String(length=128), nullable=False),
+        sa.Column("verification_requested_at", sa.Float(), nullable=False),
+        sa.Column("verified_at", sa.Float(), nullable=False),
+        sa.Column("last_event_at", sa.Float(), nullable=False),
+        sa.Column("created_at", sa.Float(), nullable=False),
+        sa.Column("updated_at", sa.Float(), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("name"),
     )
     op.create_table(
         "traffic_log",
@@ -310,6 +368,22 @@ def upgrade() -> None:
         sa.UniqueConstraint("token_hash"),
     )
     op.create_table(
+        "external_identities",
+        sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
+        sa.Column("issuer", sa.String(length=512), nullable=False),
+        sa.Column("subject", sa.String(length=255), nullable=False),
+        sa.Column("user_id", sa.String(length=40), nullable=False),
+        sa.Column("created_at", sa.Float(), nullable=False),
+        sa.ForeignKeyConstraint(["user_id"], ["users.id"], ondelete="CASCADE"),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("issuer", "subject"),
+    )
+    with op.batch_alter_table("external_identities", schema=None) as batch_op:
+        batch_op.create_index(
+            batch_op.f("ix_external_identities_user_id"), ["user_id"], unique=False
+        )
+
+    op.create_table(
         "group_members",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
         sa.Column("group_id", sa.String(length=40), nullable=False),
@@ -400,6 +474,10 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_group_members_group_id"))
 
     op.drop_table("group_members")
+    with op.batch_alter_table("external_identities", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_external_identities_user_id"))
+
+    op.drop_table("external_identities")
     op.drop_table("enrollment_tokens")
     with op.batch_alter_table("connectors", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_connectors_group_id"))
@@ -417,7 +495,17 @@ def downgrade() -> None:
         batch_op.drop_index("ix_traffic_app")
 
     op.drop_table("traffic_log")
+    op.drop_table("ssf_transmitters")
     op.drop_table("signing_keys")
+    with op.batch_alter_table("signals", schema=None) as batch_op:
+        batch_op.drop_index("ix_signals_user")
+        batch_op.drop_index("ix_signals_received")
+
+    op.drop_table("signals")
+    with op.batch_alter_table("set_replay_cache", schema=None) as batch_op:
+        batch_op.drop_index("ix_set_replay_expires")
+
+    op.drop_table("set_replay_cache")
     with op.batch_alter_table("sessions", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_sessions_user_id"))
 
