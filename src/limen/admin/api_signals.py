@@ -302,6 +302,10 @@ def add_signal_routes(router: APIRouter, ctx: ServiceContext) -> None:
             events_delivered=[e for e in stream.get("events_delivered", []) if isinstance(e, str)],
             status="enabled",
             status_reason="",
+            verification_state="",
+            verification_requested_at=0.0,
+            verified_at=0.0,
+            last_event_at=0.0,
             created_at=now,
             updated_at=now,
         )

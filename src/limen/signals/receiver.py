@@ -130,34 +130,43 @@ class JwksCache:
     def __init__(self, http: HttpFactory = _default_http, *, min_refetch: float = 5.0) -> None:
         self.http = http
         self.min_refetch = min_refetch
-        self._keys: dict[str, tuple[dict[str, tuple[PublicKey, str]], float]] = {}
+        self._keys: dict[str, dict[str, tuple[PublicKey, str]]] = {}
+        #: When an unknown kid last made us refetch, per URI (the first fetch is free).
+        self._refetched: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def get(self, uri: str, *, refresh: bool = False) -> dict[str, tuple[PublicKey, str]]:
+        """The keys of ``uri``; with ``refresh``, fetched again unless an earlier refresh
+        happened less than ``min_refetch`` seconds ago."""
         now = time.monotonic()
         with self._lock:
             cached = self._keys.get(uri)
-        if cached is not None and not (refresh and now - cached[1] >= self.min_refetch):
-            return cached[0]
+            if cached is not None and refresh:
+                last = self._refetched.get(uri)
+                if last is not None and now - last < self.min_refetch:
+                    return cached
+                self._refetched[uri] = now
+        if cached is not None and not refresh:
+            return cached
         try:
             with self.http() as client:
                 response = client.get(check_url(uri, "jwks_uri"))
         except httpx.HTTPError as exc:
             if cached is not None:
-                return cached[0]
+                return cached
             raise SetError(
                 f"cannot fetch the transmitter's JWKS: {exc}", code="invalid_key"
             ) from None
         if response.status_code != 200:
             if cached is not None:
-                return cached[0]
+                return cached
             raise SetError(f"JWKS fetch answered {response.status_code}", code="invalid_key")
         try:
             keys = public_keys_from_jwks(_json(response, "JWKS"))
         except UpstreamError as exc:
             raise SetError(exc.message, code="invalid_key") from None
         with self._lock:
-            self._keys[uri] = (keys, now)
+            self._keys[uri] = keys
         log.info("fetched %d signing key(s) from %s", len(keys), uri)
         return keys
 
