@@ -31,9 +31,12 @@ app.add_typer(client_app, name="client")
 
 from limen.cli.admin import app as admin_app  # noqa: E402
 from limen.cli.policy import location_app, policy_app  # noqa: E402
+from limen.cli.signals import signals_app, transmitter_app  # noqa: E402
 
 admin_app.add_typer(policy_app, name="policy", help="Conditional-access policies.")
 admin_app.add_typer(location_app, name="location", help="Named locations.")
+admin_app.add_typer(signals_app, name="signal", help="The audit of signals.")
+admin_app.add_typer(transmitter_app, name="transmitter", help="Shared Signals transmitters.")
 app.add_typer(admin_app, name="admin", help="Administer users, apps, connectors, logs.")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML settings file.")]
