@@ -18,6 +18,7 @@ from limen.admin.app import create_app
 from limen.config import Settings
 from limen.edge.server import Edge
 from limen.service import ServiceContext, open_context
+from limen.signals.receiver import SignalReceiver
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class Service:
     _uvicorn: uvicorn.Server | None = None
     _api_task: asyncio.Task[Any] | None = None
     _extra: list[Any] = field(default_factory=list)
+    _signals: SignalReceiver | None = None
 
     async def start(self) -> None:
         api_sock = _bind(self.settings.api_host, self.settings.api_port) if self.run_api else None
@@ -99,8 +101,13 @@ class Service:
                 await asyncio.sleep(0.01)
             if self._api_task.done():
                 self._api_task.result()
+            # Shared Signals poll delivery (RFC 8936) runs beside the API that manages it.
+            self._signals = SignalReceiver(self.ctx)
+            await self._signals.start()
 
     async def stop(self) -> None:
+        if self._signals is not None:
+            await self._signals.stop()
         if self.edge is not None:
             await self.edge.stop()
         if self._uvicorn is not None:
