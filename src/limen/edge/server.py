@@ -45,6 +45,7 @@ from limen.net.tasks import spawn
 from limen.net.tls import ALPN_MUX, server_context
 from limen.pki import connector_id_from_cert
 from limen.service import ServiceContext
+from limen.signals import SIGNAL_ENFORCED
 from limen.wire import connect as wire
 from limen.wire.control import ControlDecoder, Heartbeat, Hello, parse_control
 
@@ -246,7 +247,7 @@ class Edge:
             self._loop.call_soon_threadsafe(self._reload.set)
         elif event.topic == SUBJECT_REVOKED:
             user_id = str(event.payload.get("user_id", ""))
-            self._loop.call_soon_threadsafe(self._revoke_user, user_id)
+            self._loop.call_soon_threadsafe(self._enforce, user_id, dict(event.payload))
 
     async def _watch_config(self) -> None:
         while True:
@@ -267,8 +268,22 @@ class Edge:
             except Exception:
                 log.exception("configuration reload failed; keeping the previous snapshot")
 
-    def _revoke_user(self, user_id: str) -> None:
-        """Cut every live flow of a user (continuous access evaluation)."""
+    def _enforce(self, user_id: str, payload: dict[str, Any]) -> None:
+        """Cut a user's live flows for a signal, then report how many and when (the signal
+        audit's "flows cut" and "time to cut")."""
+        cut = self._revoke_user(user_id)
+        self.ctx.bus.publish(
+            SIGNAL_ENFORCED,
+            signal_id=str(payload.get("signal_id") or ""),
+            user_id=user_id,
+            at=payload.get("at", 0.0),
+            flows_cut=cut,
+            done_at=time.time(),
+            node=self.ctx.node_name,
+        )
+
+    def _revoke_user(self, user_id: str) -> int:
+        """Cut every live flow of a user (continuous access evaluation); how many."""
         flow_ids = list(self.flows_by_user.get(user_id, ()))
         for flow_id in flow_ids:
             flow = self.flows.get(flow_id)
@@ -277,6 +292,7 @@ class Edge:
         if flow_ids:
             log.info("revoked %d live flows of %s", len(flow_ids), user_id)
         self._reload.set()
+        return len(flow_ids)
 
     # connections -----------------------------------------------------------------------------
 
