@@ -663,3 +663,43 @@ async def test_admin_signals_are_recorded(limen: Limen) -> None:
     assert await limen.call("GET", "/signals", source="ssf:") == []
     one = await limen.call("GET", f"/signals/{listed[-1]['id']}")
     assert one["detail"]["reason"] == "lost laptop"
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+
+async def test_cli_signal_commands(limen: Limen, transmitter: Transmitter, tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from limen.cli import main as cli_main
+    from limen.cli.admin import app as admin_app
+
+    assert cli_main.app is not None  # importing main registers the signal commands
+
+    limen.user("frank")
+    token = create_admin_token(limen.ctx.store, "cli", "admin")
+    runner = CliRunner(env={"LIMEN_DATA_DIR": str(tmp_path / "cli"), "LIMEN_API_URL": limen.base,
+                            "LIMEN_ADMIN_TOKEN": token, "LIMEN_CA_FILE": None,
+                            "LIMEN_SSF_AUTH_TOKEN": None})  # fmt: skip
+
+    async def run(*args: str, stdin: str | None = None, code: int = 0) -> str:
+        result = await asyncio.to_thread(runner.invoke, admin_app, list(args), stdin)
+        assert result.exit_code == code, (result.output, result.exception)
+        return str(result.output)
+
+    assert "revoked the sessions of frank" in await run("user", "revoke-sessions", "frank")
+    assert "risk of frank is high" in await run("user", "set-risk", "frank", "high")
+    rows = json.loads(await run("signal", "list", "--user", "frank", "--json"))
+    assert [r["event_type"] for r in rows] == ["admin:risk-level-change", "admin:revoke-sessions"]
+    assert "revoke-sessions" in await run("signal", "list")
+    await run("user", "set-risk", "frank", "extreme", code=1)
+
+    out = await run("transmitter", "add", "idp", transmitter.base, "--auth-token-stdin",
+                    "--receiver-url", limen.base, stdin=MGMT_TOKEN + "\n")  # fmt: skip
+    assert "push token (shown once" in out and MGMT_TOKEN not in out
+    assert "idp" in await run("transmitter", "list")
+    assert "verified" in await run("transmitter", "verify", "idp", "--wait", "10")
+    assert "deleted transmitter idp" in await run("transmitter", "delete", "idp")
+    assert transmitter.stream is None
