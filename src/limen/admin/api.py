@@ -28,6 +28,7 @@ from limen.admin.api_identity import add_identity_routes
 from limen.admin.api_logs import add_log_routes
 from limen.admin.api_mfa import add_mfa_routes
 from limen.admin.api_policies import add_policy_routes
+from limen.admin.api_profiles import add_profile_routes
 from limen.admin.api_signals import add_signal_routes
 from limen.errors import LimenError
 from limen.service import ServiceContext
@@ -41,6 +42,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
     add_log_routes(router, ctx)
     add_mfa_routes(router, ctx)
     add_policy_routes(router, ctx)
+    add_profile_routes(router, ctx)
     add_signal_routes(router, ctx)
     return router
 

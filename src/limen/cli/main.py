@@ -347,10 +347,23 @@ def client_status() -> None:
                 "device_id": state.device_id,
                 "access_token_expires_in": max(left, 0),
                 "capabilities": state.capabilities,
+                "daemon": _daemon_status(files),
             },
             indent=2,
         )
     )
+
+
+def _daemon_status(files: Any) -> dict[str, Any]:
+    """The running daemon's status, or why there is none."""
+    from limen.client.daemon import control_call, control_path
+
+    try:
+        answer = control_call(control_path(files.directory), "status", 5.0)
+    except LimenError as exc:
+        return {"running": False, "error": exc.code, "message": exc.message}
+    answer.pop("ok", None)
+    return {"running": True, **answer}
 
 
 @client_app.command("token")
@@ -435,6 +448,196 @@ def client_socks(
             await session.close()
 
     _run(main)
+
+
+# --- the transparent client (limen client up) -------------------------------------------------
+
+
+@client_app.command("up")
+def client_up(
+    listen_port: Annotated[
+        int, typer.Option(help="Loopback port of the transparent listener (0: any).")
+    ] = 0,
+    capture: Annotated[
+        bool,
+        typer.Option(
+            help="Capture traffic with nftables (needs root); --no-capture runs the profile, "
+            "status and control socket only."
+        ),
+    ] = True,
+    poll_seconds: Annotated[
+        float, typer.Option(help="How often to check for a new forwarding profile.")
+    ] = 2.0,
+) -> None:
+    """Run the client: fetch the forwarding profile and capture private traffic
+    transparently (Linux, root). Stop it with `limen client down`."""
+    from limen.client.daemon import ClientDaemon
+    from limen.client.transparent import has_net_admin
+
+    setup_logging(
+        os.environ.get("LIMEN_LOG_LEVEL", "INFO"), os.environ.get("LIMEN_LOG_FORMAT", "text")
+    )
+    if capture and not (sys.platform.startswith("linux") and has_net_admin()):
+        typer.echo(
+            "limen client up: transparent capture needs root (CAP_NET_ADMIN on Linux) to install "
+            "nftables rules, and this process has not got it.\n"
+            "  - run it as root:        sudo limen client up\n"
+            "  - or, without root, use: limen client socks   (a SOCKS5 proxy on 127.0.0.1:1080)\n"
+            "                           limen client forward HOST:PORT --listen 127.0.0.1:PORT\n"
+            "  - `limen client up --no-capture` keeps the profile and status without capturing.",
+            err=True,
+        )
+        raise typer.Exit(1)
+    daemon = ClientDaemon(
+        _state_file(), capture=capture, listen_port=listen_port, poll_interval=poll_seconds
+    )
+
+    async def main() -> None:
+        await daemon.run(ready=lambda line: typer.echo(line, err=True))
+
+    _run(main)
+
+
+@client_app.command("down")
+def client_down(
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the daemon to exit.")] = 15,
+) -> None:
+    """Stop `limen client up` and remove every rule it installed (also after a crash)."""
+    from limen.client.daemon import DaemonNotRunning, control_call, control_path
+    from limen.client.transparent import NftTable, has_net_admin
+
+    files = _state_file()
+    path = control_path(files.directory)
+    stopped = False
+    try:
+        control_call(path, "down", 5.0)
+        stopped = True
+    except DaemonNotRunning:
+        pass
+    except LimenError as exc:
+        typer.echo(f"error: {exc.code}: {exc.message}", err=True)
+        raise typer.Exit(1) from None
+    deadline = time.monotonic() + timeout
+    while stopped and path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the daemon removes its socket last-but-one, before it exits
+    removed = False
+    if has_net_admin():
+        try:
+            removed = NftTable().delete()
+        except LimenError as exc:
+            typer.echo(f"error: {exc.code}: {exc.message}", err=True)
+            raise typer.Exit(1) from None
+    if stopped:
+        typer.echo("limen client stopped")
+    elif removed:
+        typer.echo("no client was running; removed a stale `inet limen` nftables table")
+    else:
+        typer.echo("no client was running")
+
+
+def _control(command: str, **args: Any) -> dict[str, Any]:
+    from limen.client.daemon import control_call, control_path
+
+    try:
+        return control_call(control_path(_state_file().directory), command, **args)
+    except LimenError as exc:
+        typer.echo(f"error: {exc.code}: {exc.message}", err=True)
+        raise typer.Exit(1) from None
+
+
+@client_app.command("pause")
+def client_pause(
+    reason: Annotated[str, typer.Option(help="Shown by `status`.")] = "paused by the user",
+) -> None:
+    """Stop capturing: private destinations go direct (unreachable off the network)."""
+    status = _control("pause", reason=reason)
+    typer.echo(f"paused: {status.get('paused_reason', '')}; `limen client resume` to resume")
+
+
+@client_app.command("resume")
+def client_resume() -> None:
+    """Capture again after `pause`."""
+    status = _control("resume")
+    typer.echo(f"resumed; capture {status['capture']['state']}")
+
+
+@client_app.command("traffic")
+def client_traffic(
+    as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
+) -> None:
+    """Live and recent flows of `limen client up`: time, process, destination, rule, action,
+    bytes."""
+    flows = _control("traffic")["flows"]
+    if as_json:
+        typer.echo(json.dumps(flows, indent=2))
+        return
+    typer.echo(
+        f"{'time':8} {'process':20} {'destination':28} {'rule':26} {'action':7} "
+        f"{'state':8} {'up':>9} {'down':>9}"
+    )
+    for f in flows:
+        proc = f"{f['process']} ({f['pid']})" if f["process"] else "?"
+        typer.echo(
+            f"{time.strftime('%H:%M:%S', time.localtime(f['time'])):8} {proc[:20]:20} "
+            f"{f['destination'][:28]:28} {(f['rule'] or '-')[:26]:26} {f['action']:7} "
+            f"{f['state']:8} {f['bytes_up']:>9} {f['bytes_down']:>9}"
+        )
+
+
+@client_app.command("doctor")
+def client_doctor(
+    test_flow: Annotated[bool, typer.Option(help="Open one test flow.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
+) -> None:
+    """Health checks (sign-in, API, TLS trust, token, profile, edge, daemon, nftables, a test
+    flow), each with what to fix."""
+    from dataclasses import asdict
+
+    from limen.client.diagnostics import FAIL, doctor
+
+    setup_logging("WARNING")
+    checks = doctor(_state_file(), test_flow=test_flow)
+    if as_json:
+        typer.echo(json.dumps([asdict(c) for c in checks], indent=2))
+    else:
+        for c in checks:
+            typer.echo(f"[{c.status:4}] {c.name:10} {c.detail}")
+            if c.fix and c.status != "ok":
+                typer.echo(f"{'':17} fix: {c.fix}")
+    if any(c.status == FAIL for c in checks):
+        raise typer.Exit(1)
+
+
+@client_app.command("test-destination")
+def client_test_destination(
+    target: Annotated[str, typer.Argument(help="HOST:PORT[/udp]")],
+) -> None:
+    """Which forwarding-profile rule matches a destination, and what would happen to it."""
+    from limen.client.diagnostics import current_profile, explain_destination
+
+    setup_logging("WARNING")
+    try:
+        profile, source, edge_up, paused = current_profile(_state_file())
+        result = explain_destination(profile, target, edge_up=edge_up, paused=paused)
+    except LimenError as exc:
+        typer.echo(f"error: {exc.code}: {exc.message}", err=True)
+        raise typer.Exit(1) from None
+    result["profile_source"] = source
+    typer.echo(json.dumps(result, indent=2))
+
+
+@client_app.command("collect-logs")
+def client_collect_logs(
+    output: Annotated[Path | None, typer.Option(help="Where to write the bundle.")] = None,
+) -> None:
+    """Write a support bundle (tar.gz) without secrets: state without tokens, profile, daemon
+    status, flows and log, nftables rules, doctor results."""
+    from limen.client.diagnostics import collect_logs
+
+    setup_logging("WARNING")
+    out = output or Path(f"limen-support-{time.strftime('%Y%m%d-%H%M%S')}.tar.gz")
+    names = collect_logs(_state_file(), out)
+    typer.echo(f"wrote {out} ({', '.join(names)})")
 
 
 def _reauthenticator(state: Any) -> Any:

@@ -289,6 +289,22 @@ class AuditRecord(Base):
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
+class ForwardingProfileSetting(Base):
+    """Admin settings of a forwarding profile (``private-access``): on or off, whether users
+    may pause the client, what happens when Limen is unreachable, and bypass destinations.
+    The rules themselves are computed per user from assignments and segments."""
+
+    __tablename__ = "forwarding_profiles"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    allow_pause: Mapped[bool] = mapped_column(Boolean, default=True)
+    #: block | pass
+    hardening: Mapped[str] = mapped_column(String(8), default="block")
+    #: [{"type", "destination", "ports", "protocol"}]: destinations that never go to Limen
+    bypass: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    updated_at: Mapped[float] = mapped_column(Float, default=0.0)
+
+
 class ConfigVersion(Base):
     """A counter bumped by every configuration change, so every edge node (one process or
     many sharing PostgreSQL) notices and recompiles its snapshot."""

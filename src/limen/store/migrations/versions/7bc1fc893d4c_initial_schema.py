@@ -1,8 +1,8 @@
 """initial schema
 
-Revision ID: 477fb200bcde
+Revision ID: 7bc1fc893d4c
 Revises:
-Create Date: 2026-11-22 00:39:37.151332
+Create Date: 2026-11-22 00:48:48.636440
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 
-revision = "477fb200bcde"
+revision = "7bc1fc893d4c"
 down_revision = None
 branch_labels = None
 depends_on = None
@@ -107,6 +107,16 @@ def upgrade() -> None:
     with op.batch_alter_table("devices", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_devices_user_id"), ["user_id"], unique=False)
 
+    op.create_table(
+        "forwarding_profiles",
+        sa.Column("name", sa.String(length=64), nullable=False),
+        sa.Column("enabled", sa.Boolean(), nullable=False),
+        sa.Column("allow_pause", sa.Boolean(), nullable=False),
+        sa.Column("hardening", sa.String(length=8), nullable=False),
+        sa.Column("bypass", sa.JSON(), nullable=False),
+        sa.Column("updated_at", sa.Float(), nullable=False),
+        sa.PrimaryKeyConstraint("name"),
+    )
     op.create_table(
         "groups",
         sa.Column("id", sa.String(length=40), nullable=False),
@@ -267,6 +277,8 @@ def upgrade() -> None:
         sa.Column("policy_ids", sa.JSON(), nullable=False),
         sa.Column("bytes_up", sa.Integer(), nullable=False),
         sa.Column("bytes_down", sa.Integer(), nullable=False),
+        sa.Column("datagrams_up", sa.Integer(), nullable=False),
+        sa.Column("datagrams_down", sa.Integer(), nullable=False),
         sa.Column("close_reason", sa.String(length=32), nullable=False),
         sa.Column("edge_node", sa.String(length=64), nullable=False),
         sa.PrimaryKeyConstraint("flow_id"),
@@ -519,6 +531,7 @@ def downgrade() -> None:
     op.drop_table("pki")
     op.drop_table("named_locations")
     op.drop_table("groups")
+    op.drop_table("forwarding_profiles")
     with op.batch_alter_table("devices", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_devices_user_id"))
 
