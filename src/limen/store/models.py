@@ -273,6 +273,9 @@ class TrafficRecord(Base):
     policy_ids: Mapped[list[str]] = mapped_column(JSON, default=list)
     bytes_up: Mapped[int] = mapped_column(Integer, default=0)
     bytes_down: Mapped[int] = mapped_column(Integer, default=0)
+    #: UDP flows: DATAGRAM capsules each way (0 for TCP and DNS)
+    datagrams_up: Mapped[int] = mapped_column(Integer, default=0)
+    datagrams_down: Mapped[int] = mapped_column(Integer, default=0)
     #: client_closed | target_closed | revoked | policy | error | connector_lost | refused
     close_reason: Mapped[str] = mapped_column(String(32), default="")
     edge_node: Mapped[str] = mapped_column(String(64), default="")
