@@ -22,6 +22,7 @@ from limen.admin._common import (
     segment_specs,
     unique,
 )
+from limen.edge.health import BOARD, Health
 from limen.errors import AuthError, Conflict, NotFound
 from limen.ids import new_id
 from limen.policy.segments import SegmentSpec, find_conflicts, normalize_name
@@ -87,7 +88,7 @@ def add_app_routes(router: APIRouter, ctx: ServiceContext) -> None:
             group = get_or_404(s, ConnectorGroup, group_id, "connector group")
             out = sc.connector_group_json(group)
             out["connectors"] = [
-                sc.connector_json(c)
+                connector_out(c, group)
                 for c in s.scalars(select(Connector).where(Connector.group_id == group_id))
             ]
             out["apps"] = list(
@@ -136,22 +137,48 @@ def add_app_routes(router: APIRouter, ctx: ServiceContext) -> None:
             q = select(Connector).order_by(Connector.name, Connector.id)
             if group_id:
                 q = q.where(Connector.group_id == group_id)
-            return [sc.connector_json(c) for c in s.scalars(q)]
+            groups = {g.id: g for g in s.scalars(select(ConnectorGroup))}
+            return [connector_out(c, groups.get(c.group_id)) for c in s.scalars(q)]
 
     @router.get("/connectors/{connector_id}")
     def get_connector(connector_id: str, _: str = reader) -> Json:
         with ctx.store.session() as s:
-            return sc.connector_json(get_or_404(s, Connector, connector_id, "connector"))
+            connector = get_or_404(s, Connector, connector_id, "connector")
+            return connector_out(connector, s.get(ConnectorGroup, connector.group_id))
+
+    def set_state(connector_id: str, actor: str, action: str, state: str) -> Json:
+        with ctx.store.session() as s:
+            connector = get_or_404(s, Connector, connector_id, "connector")
+            previous = connector.state
+            if previous == "revoked" and state != "revoked":
+                raise Conflict("the connector was revoked; enroll a new one", code="revoked")
+            connector.state = state
+            if previous != state:
+                ctx.store.bump_config_version(s)
+            out = connector_out(connector, s.get(ConnectorGroup, connector.group_id))
+            serial = connector.cert_serial
+        changed(actor, action, connector_id, {"from": previous, "cert_serial": serial})
+        return out
 
     @router.delete("/connectors/{connector_id}", status_code=204)
     def revoke_connector(connector_id: str, actor: str = operator) -> Response:
-        with ctx.store.session() as s:
-            connector = get_or_404(s, Connector, connector_id, "connector")
-            connector.state = "revoked"
-            ctx.store.bump_config_version(s)
-            serial = connector.cert_serial
-        changed(actor, "connector.revoke", connector_id, {"cert_serial": serial})
+        set_state(connector_id, actor, "connector.revoke", "revoked")
         return Response(status_code=204)
+
+    @router.post("/connectors/{connector_id}/revoke")
+    def revoke_connector_post(connector_id: str, actor: str = operator) -> Json:
+        """Revoke: the edge refuses its certificate and closes its links at once."""
+        return set_state(connector_id, actor, "connector.revoke", "revoked")
+
+    @router.post("/connectors/{connector_id}/drain")
+    def drain_connector(connector_id: str, actor: str = operator) -> Json:
+        """No new flows go to the connector; its flows finish (for upgrades)."""
+        return set_state(connector_id, actor, "connector.drain", "draining")
+
+    @router.post("/connectors/{connector_id}/resume")
+    def resume_connector(connector_id: str, actor: str = operator) -> Json:
+        """Undo a drain: the connector receives new flows again."""
+        return set_state(connector_id, actor, "connector.resume", "active")
 
     @router.post("/connectors/{connector_id}/move")
     def move_connector(connector_id: str, body: sc.ConnectorMove, actor: str = operator) -> Json:
@@ -161,7 +188,7 @@ def add_app_routes(router: APIRouter, ctx: ServiceContext) -> None:
             previous = connector.group_id
             connector.group_id = group.id
             ctx.store.bump_config_version(s)
-            out = sc.connector_json(connector)
+            out = connector_out(connector, group)
         changed(actor, "connector.move", connector_id, {"from": previous, "to": group.id})
         return out
 
@@ -451,3 +478,39 @@ def add_app_routes(router: APIRouter, ctx: ServiceContext) -> None:
             ctx.store.bump_config_version(s)
         changed(actor, "assignment.delete", app_id, {"principal_id": principal_id})
         return Response(status_code=204)
+
+
+#: A connector seen by some edge within this many seconds counts as connected when no edge
+#: in this process reports on it (the edge persists last-seen every 10 s at most).
+SEEN_RECENTLY = 30.0
+
+
+def connector_out(c: Connector, group: ConnectorGroup | None) -> Json:
+    """A connector as the API shows it: the stored row, its group, and live status from an
+    edge in this process (health, active flows, bytes, last heartbeat) when there is one."""
+    out = sc.connector_json(c)
+    out["group_name"] = group.name if group is not None else ""
+    out["region"] = group.region if group is not None else ""
+    live = BOARD.get(c.id)
+    if c.state == "revoked":
+        health = "revoked"
+    elif live is not None:
+        health = live.health
+    elif c.last_seen_at and time.time() - c.last_seen_at < SEEN_RECENTLY:
+        health = Health.UNKNOWN.value
+    else:
+        health = Health.OFFLINE.value
+    out.update(
+        health=health,
+        connections=live.connections if live else 0,
+        active_flows=live.active_flows if live else 0,
+        bytes_up=live.bytes_up if live else 0,
+        bytes_down=live.bytes_down if live else 0,
+        last_heartbeat=live.last_heartbeat if live else 0.0,
+        last_failure=live.last_failure if live else "",
+    )
+    if live is not None:
+        out["version"] = live.version or c.version
+        out["address"] = live.address or c.address
+        out["last_seen_at"] = max(c.last_seen_at, live.last_heartbeat)
+    return out

@@ -181,7 +181,9 @@ def _console() -> Console:
 
 
 def _fmt(value: Any, key: str = "") -> str:
-    if isinstance(value, float) and (key.endswith("_at") or key in ("not_after", "at")):
+    if isinstance(value, float) and (
+        key.endswith(("_at", "not_after")) or key in ("at", "last_heartbeat")
+    ):
         if value <= 0:
             return "-"
         return dt.datetime.fromtimestamp(value, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
@@ -436,7 +438,20 @@ def cgroup_delete(ctx: typer.Context, group: str) -> None:
     _done(api.opts, f"deleted connector group {gid}", {"deleted": gid})
 
 
-CONNECTOR_COLS = ("id", "name", "group_id", "state", "version", "last_seen_at", "cert_not_after")
+CONNECTOR_COLS = (
+    "id",
+    "name",
+    "group_name",
+    "state",
+    "health",
+    "version",
+    "address",
+    "last_seen_at",
+    "active_flows",
+    "bytes_up",
+    "bytes_down",
+    "cert_not_after",
+)
 
 
 @connector_app.command("list")
@@ -463,6 +478,33 @@ def connector_delete(ctx: typer.Context, connector: str) -> None:
     cid = api.connector_id(connector)
     api.call("DELETE", f"/connectors/{cid}")
     _done(api.opts, f"revoked connector {cid}", {"revoked": cid})
+
+
+@connector_app.command("revoke")
+def connector_revoke(ctx: typer.Context, connector: str) -> None:
+    """Revoke a connector: the edge refuses its certificate and closes its links."""
+    api = _api(ctx)
+    cid = api.connector_id(connector)
+    out = api.call("POST", f"/connectors/{cid}/revoke")
+    _done(api.opts, f"revoked connector {cid}", out)
+
+
+@connector_app.command("drain")
+def connector_drain(ctx: typer.Context, connector: str) -> None:
+    """Send no new flows to a connector; its current flows finish (before an upgrade)."""
+    api = _api(ctx)
+    cid = api.connector_id(connector)
+    out = api.call("POST", f"/connectors/{cid}/drain")
+    _done(api.opts, f"draining connector {cid}: no new flows", out)
+
+
+@connector_app.command("resume")
+def connector_resume(ctx: typer.Context, connector: str) -> None:
+    """Undo a drain: the connector receives new flows again."""
+    api = _api(ctx)
+    cid = api.connector_id(connector)
+    out = api.call("POST", f"/connectors/{cid}/resume")
+    _done(api.opts, f"connector {cid} is active again", out)
 
 
 @connector_app.command("move")

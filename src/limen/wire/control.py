@@ -43,6 +43,9 @@ __all__ = [
     "Heartbeat",
     "Hello",
     "ProfileUpdate",
+    "RenewRefused",
+    "RenewRequest",
+    "RenewResponse",
     "UnknownControl",
     "encode_control",
     "parse_control",
@@ -295,7 +298,9 @@ class Heartbeat:
 
 @dataclass(frozen=True, slots=True)
 class Drain:
-    """Edge → connector or client: finish current flows, open no new ones here, reconnect."""
+    """Edge → connector or client: finish current flows, open no new ones here, reconnect.
+    Connector → edge: the connector is shutting down; send it no new flows, let its flows
+    finish."""
 
     TYPE: ClassVar[str] = "drain"
     reason: str
@@ -355,6 +360,89 @@ class ProfileUpdate:
         return cls(raw.get("version"), raw.get("profile"))  # type: ignore[arg-type]
 
 
+#: A PEM CSR or certificate for an EC P-256 key is under 1 KiB; 16 KiB leaves room for RSA
+#: keys and a chain while keeping a renewal far below MAX_CONTROL_MESSAGE.
+MAX_PEM = 16 * 1024
+
+
+def _check_pem(name: str, value: object, label: str) -> None:
+    _check_str(name, value)
+    text = cast(str, value)
+    if len(text) > MAX_PEM:
+        raise _bad(f"{name} is longer than {MAX_PEM} characters")
+    if f"-----BEGIN {label}-----" not in text:
+        raise _bad(f"{name} is not a PEM {label.lower()}")
+
+
+@dataclass(frozen=True, slots=True)
+class RenewRequest:
+    """Connector → edge: a certificate signing request for a fresh key, sent before the
+    current certificate expires. The edge signs it for the connector the TLS certificate of
+    this link names, whatever the CSR's subject says."""
+
+    TYPE: ClassVar[str] = "renew_request"
+    csr_pem: str
+
+    def __post_init__(self) -> None:
+        _check_pem("csr_pem", self.csr_pem, "CERTIFICATE REQUEST")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "csr_pem": self.csr_pem}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RenewRequest:
+        return cls(raw.get("csr_pem"))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class RenewResponse:
+    """Edge → connector: the new certificate and its expiry (Unix time)."""
+
+    TYPE: ClassVar[str] = "renew_response"
+    cert_pem: str
+    not_after: float
+
+    def __post_init__(self) -> None:
+        _check_pem("cert_pem", self.cert_pem, "CERTIFICATE")
+        not_after: object = self.not_after
+        if isinstance(not_after, int) and not isinstance(not_after, bool):
+            try:
+                not_after = float(not_after)
+            except OverflowError:
+                raise _bad("not_after must be a finite number") from None
+            object.__setattr__(self, "not_after", not_after)
+        if not isinstance(not_after, float) or not math.isfinite(not_after) or not_after < 0:
+            raise _bad("not_after must be a finite non-negative number")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "cert_pem": self.cert_pem, "not_after": self.not_after}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RenewResponse:
+        return cls(raw.get("cert_pem"), raw.get("not_after"))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class RenewRefused:
+    """Edge → connector: the renewal was refused; ``code`` is a stable error code. The
+    connector keeps its current certificate and tries again later."""
+
+    TYPE: ClassVar[str] = "renew_refused"
+    code: str
+    message: str
+
+    def __post_init__(self) -> None:
+        _check_str("code", self.code)
+        _check_str("message", self.message, allow_empty=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "code": self.code, "message": self.message}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RenewRefused:
+        return cls(raw.get("code"), raw.get("message", ""))  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True, slots=True)
 class UnknownControl:
     """A message whose type this version does not know; kept whole so it can be logged or
@@ -367,10 +455,30 @@ class UnknownControl:
         return dict(self.raw)
 
 
-ControlMessage = Hello | Heartbeat | Drain | ClaimsChallenge | ProfileUpdate | UnknownControl
+_Typed = (
+    Hello
+    | Heartbeat
+    | Drain
+    | ClaimsChallenge
+    | ProfileUpdate
+    | RenewRequest
+    | RenewResponse
+    | RenewRefused
+)
+ControlMessage = _Typed | UnknownControl
 
-_KNOWN: dict[str, type[Hello | Heartbeat | Drain | ClaimsChallenge | ProfileUpdate]] = {
-    cls.TYPE: cls for cls in (Hello, Heartbeat, Drain, ClaimsChallenge, ProfileUpdate)
+_KNOWN: dict[str, type[_Typed]] = {
+    cls.TYPE: cls
+    for cls in (
+        Hello,
+        Heartbeat,
+        Drain,
+        ClaimsChallenge,
+        ProfileUpdate,
+        RenewRequest,
+        RenewResponse,
+        RenewRefused,
+    )
 }
 
 
