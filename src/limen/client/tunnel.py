@@ -65,6 +65,8 @@ class EdgeSession:
         self.max_connections = connections
         self.conns: list[MuxConnection] = []
         self._connecting: asyncio.Lock | None = None
+        #: Put the initiating process's name on each flow (costs a /proc walk per flow).
+        self.attribute_processes = False
         host, _, port = state.edge.removeprefix("https://").rstrip("/").rpartition(":")
         self.edge_host = host.strip("[]") or "localhost"
         self.edge_port = int(port or 443)
@@ -236,7 +238,7 @@ async def _forward_one(
     except (ConnectionError, OSError):
         return
     try:
-        stream, _response = await session.open("tcp", host, port, process=_peer_process(local))
+        stream, _response = await session.open("tcp", host, port, process=_peer_process(session, local))
     except FlowRefused as exc:
         on_refused(f"{host}:{port}", exc)
         local.abort()
@@ -246,9 +248,11 @@ async def _forward_one(
     await relay.done
 
 
-def _peer_process(local: TransportEndpoint) -> str:
-    """Name of the local process that opened the connection (best effort, Linux)."""
-    if local.transport is None:
+def _peer_process(session: EdgeSession, local: TransportEndpoint) -> str:
+    """Name of the local process that opened the connection (best effort, Linux), when the
+    session attributes processes: finding it walks /proc (milliseconds), so a per-app
+    forward or a SOCKS proxy skips it unless asked (``--process-names``)."""
+    if not session.attribute_processes or local.transport is None:
         return ""
     sock = local.transport.get_extra_info("socket")
     peer = local.transport.get_extra_info("peername")
@@ -307,7 +311,7 @@ class _SocksHandshake:
     async def _connect(self, host: str, port: int) -> None:
         try:
             stream, _response = await self.session.open(
-                "tcp", host, port, process=_peer_process(self.local)
+                "tcp", host, port, process=_peer_process(self.session, self.local)
             )
         except FlowRefused as exc:
             self.on_refused(f"{host}:{port}", exc)

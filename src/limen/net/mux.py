@@ -94,7 +94,12 @@ class MuxStream:
         pending = self._pending
         if pending is None:
             return
-        sent = self.conn.session.send_data(self.stream_id, pending)
+        try:
+            sent = self.conn.session.send_data(self.stream_id, pending)
+        except LocalProtocolError:
+            # A later frame of the same read already closed or reset the stream.
+            self._pending = None
+            return
         if sent < len(pending):
             self._pending = pending[sent:]
             return
