@@ -238,7 +238,9 @@ async def _forward_one(
     except (ConnectionError, OSError):
         return
     try:
-        stream, _response = await session.open("tcp", host, port, process=_peer_process(session, local))
+        stream, _response = await session.open(
+            "tcp", host, port, process=_peer_process(session, local)
+        )
     except FlowRefused as exc:
         on_refused(f"{host}:{port}", exc)
         local.abort()
