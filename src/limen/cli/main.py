@@ -225,18 +225,66 @@ def connector_run(
     data_dir: DataDirOpt = None,
     edge: Annotated[str, typer.Option(help="Override the edge HOST:PORT.")] = "",
     connections: Annotated[int, typer.Option(help="Connections kept to the edge.")] = 2,
+    dns_server: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--dns-server",
+            help="Private DNS server IP[:PORT] (repeat; default: /etc/resolv.conf).",
+            callback=lambda v: _connector_env("LIMEN_CONNECTOR_DNS_SERVERS", ",".join(v or [])),
+        ),
+    ] = None,
+    proxy: Annotated[
+        str,
+        typer.Option(help="HTTP CONNECT proxy to the edge: http://HOST:PORT (or HTTPS_PROXY)."),
+    ] = "",
+    drain_grace: Annotated[
+        float,
+        typer.Option(
+            envvar="LIMEN_CONNECTOR_DRAIN_GRACE",
+            help="On SIGTERM, seconds to let current flows finish before exiting.",
+        ),
+    ] = 30.0,
+    dial_source: Annotated[
+        str, typer.Option(help="Local address dials to private targets leave from.")
+    ] = "",
 ) -> None:
-    """Keep outbound connections to the edge and serve flows (never listens)."""
+    """Keep outbound connections to the edge and serve flows (never listens). SIGTERM
+    drains: the edge sends no new flows, the connector exits when its flows end."""
     from limen.connector.agent import ConnectorAgent, ConnectorIdentity
+    from limen.net.tasks import spawn
 
     setup_logging(
         os.environ.get("LIMEN_LOG_LEVEL", "INFO"), os.environ.get("LIMEN_LOG_FORMAT", "text")
     )
-    identity = ConnectorIdentity.load(_connector_dir(data_dir))
+    directory = _connector_dir(data_dir)
+    identity = ConnectorIdentity.load(directory)
 
     async def main() -> None:
-        agent = ConnectorAgent(identity, connections=connections, edge_override=edge or None)
-        await agent.run()
+        agent = ConnectorAgent(
+            identity,
+            connections=connections,
+            edge_override=edge or None,
+            data_dir=directory,
+            proxy=proxy or None,
+            dial_source=dial_source or None,
+        )
+        drains: list[asyncio.Task[None]] = []
+
+        def on_term() -> None:
+            if not drains:
+                drains.append(spawn(agent.drain(drain_grace), name="connector drain"))
+
+        # Replaces _run's SIGTERM handler: drain first (SIGINT still stops at once).
+        with contextlib.suppress(NotImplementedError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_term)
+        try:
+            await agent.run()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not drains or (task is not None and task.cancelling()):
+                raise
+        if drains:
+            await drains[0]
 
     _run(main)
 
@@ -395,10 +443,17 @@ def _split_target(text: str) -> tuple[str, int]:
 
 @client_app.command("forward")
 def client_forward(
-    target: Annotated[str, typer.Argument(help="Private HOST:PORT")],
+    target: Annotated[str, typer.Argument(help="Private HOST:PORT (TCP)")] = "",
     listen: Annotated[str, typer.Option(help="Local ADDR:PORT")] = "127.0.0.1:0",
+    udp: Annotated[str, typer.Option("--udp", help="Private HOST:PORT to forward UDP to.")] = "",
 ) -> None:
-    """Forward a local port to one private app (one flow per local connection)."""
+    """Forward a local port to one private app (one flow per local connection, or with
+    --udp one UDP flow per local source address)."""
+    if udp:
+        _client_forward_udp(udp, listen)
+        return
+    if not target:
+        raise typer.BadParameter("expected a private HOST:PORT, or --udp HOST:PORT")
     from limen.client.tunnel import load_session, serve_forward
 
     setup_logging(os.environ.get("LIMEN_LOG_LEVEL", "INFO"))
@@ -673,6 +728,77 @@ def _reauthenticator(state: Any) -> Any:
         return True
 
     return reauthenticate
+
+
+def _connector_env(name: str, value: str) -> None:
+    """A connector option that its agent reads from the environment (connector/dns.py)."""
+    if value:
+        os.environ[name] = value
+
+
+def _client_forward_udp(target: str, listen: str) -> None:
+    from limen.client.tunnel import load_session
+    from limen.client.udp import serve_udp_forward
+
+    setup_logging(os.environ.get("LIMEN_LOG_LEVEL", "INFO"))
+    host, port = _split_target(target)
+    lhost, lport = _split_target(listen) if not listen.endswith(":0") else (listen[:-2], 0)
+
+    async def main() -> None:
+        session = load_session(_state_file())
+        await session.warm_up()
+        forward = await serve_udp_forward(
+            session, host, port, lhost, lport, on_refused=_print_refusal
+        )
+        bound = forward.sock.local_address if forward.sock else ("?", 0)
+        typer.echo(
+            f"forwarding udp {bound[0]}:{bound[1]} -> {host}:{port} through {session.state.edge}",
+            err=True,
+        )
+        try:
+            await _forever()
+        finally:
+            forward.close()
+            await session.close()
+
+    _run(main)
+
+
+@client_app.command("dns")
+def client_dns(
+    listen: Annotated[str, typer.Option(help="Local ADDR:PORT (UDP and TCP)")] = "127.0.0.1:53",
+    upstream: Annotated[
+        list[str] | None,
+        typer.Option(help="DNS server IP[:PORT] for public names (default: /etc/resolv.conf)."),
+    ] = None,
+) -> None:
+    """A local DNS stub: private names through Limen, every other name to the system
+    resolver."""
+    from limen.client.dns import DnsStub
+    from limen.client.tunnel import load_session
+    from limen.net.resolver import DnsResolver, Upstream
+
+    setup_logging(os.environ.get("LIMEN_LOG_LEVEL", "INFO"))
+    lhost, lport = _split_target(listen) if not listen.endswith(":0") else (listen[:-2], 0)
+
+    async def main() -> None:
+        session = load_session(_state_file())
+        await session.warm_up()
+        resolver = DnsResolver([Upstream.parse(u) for u in upstream]) if upstream else None
+        stub = DnsStub(session, upstream=resolver)
+        bound = await stub.start(lhost, lport)
+        typer.echo(
+            f"DNS stub on {bound[0]}:{bound[1]} (private: {', '.join(stub.suffixes) or 'none'}) "
+            f"through {session.state.edge}",
+            err=True,
+        )
+        try:
+            await _forever()
+        finally:
+            stub.close()
+            await session.close()
+
+    _run(main)
 
 
 def _print_refusal(target: str, exc: Any) -> None:
