@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 PROFILE_PATH = "/api/v1/me/forwarding-profile"
 #: A control request is one short JSON line; anything longer is not ours.
 MAX_CONTROL_LINE = 64 * 1024
+#: Opaque value of the health probe's yamux ping ("LMN?").
+PROBE_PING = 0x4C4D4E3F
 #: Recent log lines kept for ``collect-logs``.
 LOG_LINES = 500
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
@@ -345,7 +347,13 @@ class ClientDaemon:
 
     async def _probe_edge(self) -> None:
         assert self.session is not None
-        if any(c.is_open for c in self.session.conns):
+        live = [c for c in self.session.conns if c.is_open]
+        for conn in live:
+            # A ping makes a connection whose path is gone fail now (a reset, an unreachable
+            # route) rather than at the 45 s keepalive; the answer is a sign of life.
+            conn.session.ping(PROBE_PING)
+            conn.flush()
+        if live:
             up, error = True, ""
         else:
             try:
