@@ -18,6 +18,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from .limen_procs import (
     LimenService,
     LimenStartError,
     enroll_connector,
+    limen_bin,
     limen_pids,
     spawn,
     start_connector,
@@ -244,6 +246,32 @@ def test_test_destination_and_doctor(client: Client) -> None:
     for name in ("signed_in", "api", "token", "profile", "edge", "daemon", "nftables"):
         assert checks[name] == "ok", (name, doctor.stdout)
     assert checks["test_flow"] == "ok"
+
+
+def test_support_bundle_has_no_secrets(client: Client) -> None:
+    state = json.loads((client.profile.directory / "client.json").read_text())
+    secrets_ = [state["access_token"], state["refresh_token"], client.profile.token()]
+    out = client.profile.directory / "bundle.tar.gz"
+    client.profile.run("collect-logs", "--output", str(out))
+    assert out.stat().st_mode & 0o777 == 0o600
+    with tarfile.open(out) as tar:
+        names = {m.name.split("/", 1)[1] for m in tar.getmembers()}
+        texts = [tar.extractfile(m).read().decode() for m in tar.getmembers()]  # type: ignore[union-attr]
+    assert {"client-state.json", "daemon-status.json", "daemon-log.txt", "nftables.txt"} <= names
+    assert any("redirect" in t for t in texts)  # the nftables rules are in
+    for text in texts:
+        for secret in secrets_:
+            assert secret and secret not in text
+
+
+def test_without_root_it_says_so(topology: Topology, client: Client) -> None:
+    require_root_and_tools("capsh")
+    proc = topology.laptop.run(
+        ["capsh", "--drop=cap_net_admin", "--", "-c", f"{limen_bin()} client up"],
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert "needs root" in proc.stderr and "limen client socks" in proc.stderr
 
 
 def test_a_bypassed_destination_does_not_touch_the_edge(
