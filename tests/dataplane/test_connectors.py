@@ -236,8 +236,8 @@ async def test_killed_connector_flows_end_as_lost_and_new_flows_succeed(
         before = len(await _records(tenant, 0, connector_id=victim_id))
         for _ in range(10):
             await asyncio.gather(*(echo_roundtrip(session, echo.port) for _ in range(3)))
-        after = await _records(tenant, before + 1, connector_id=victim_id)
-        assert len(after) > before
+        reused = await _records(tenant, before + 1, connector_id=victim_id)
+        assert len(reused) > before
         await session.close()
 
 
@@ -286,8 +286,12 @@ async def test_connector_whose_dials_fail_leaves_rotation_and_returns(
             assert results == [b"ping"] * 3
         assert len(await _records(tenant, 0, connector_id=broken_id)) == count
 
-        # The API shows it.
-        status = await tenant.call("GET", f"/api/v1/connectors/{broken_id}")
+        # The API shows it (live status is published on change and every 0.1 s).
+        for _ in range(100):
+            status = await tenant.call("GET", f"/api/v1/connectors/{broken_id}")
+            if status["health"] == "unhealthy":
+                break
+            await asyncio.sleep(0.01)
         assert status["health"] == "unhealthy"
         assert status["last_failure"] == "target_unreachable"
 

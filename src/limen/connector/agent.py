@@ -5,29 +5,43 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
+import dataclasses
 import json
 import logging
 import os
 import random
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from limen import __version__
 from limen.errors import AuthError, ConfigError, RemoteProtocolError
 from limen.net.endpoints import Buffer, TransportEndpoint
 from limen.net.mux import MuxConnection, MuxStream
+from limen.net.proxy import ProxyAddress, open_tls, proxy_from_env
 from limen.net.relay import Relay
 from limen.net.tasks import spawn
 from limen.net.tls import ALPN_MUX, client_context
 from limen.pki import key_pem, make_csr, new_key
 from limen.wire import connect as wire
-from limen.wire.control import Heartbeat, Hello, encode_control
+from limen.wire.control import (
+    ControlDecoder,
+    Drain,
+    Heartbeat,
+    Hello,
+    RenewRefused,
+    RenewRequest,
+    RenewResponse,
+    encode_control,
+    parse_control,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +52,18 @@ CA_FILE = "ca.pem"
 #: Flow heads from the edge must arrive quickly; the edge sends them in one write.
 HEAD_TIMEOUT = 10.0
 HEARTBEAT_SECONDS = 1.0
+#: Header on the edge's data-path probes (limen.edge.health.PROBE_HEADER), lower-cased as
+#: FlowRequest keeps headers.
+PROBE_HEADER = "limen-probe"
+#: A probe's dial must finish before the edge gives up on it (1 s), so the edge hears the
+#: real error instead of a timeout.
+PROBE_DIAL_TIMEOUT = 0.8
+#: Renew when this fraction of the certificate's lifetime has passed.
+RENEW_AT_FRACTION = 2 / 3
+#: pki backdates certificates by 5 minutes for clock skew; that is not lifetime to spend.
+CERT_BACKDATE = 300.0
+#: Default bound on how long a draining connector waits for its flows to end.
+DRAIN_GRACE = 30.0
 
 
 @dataclass
@@ -148,10 +174,6 @@ def parse_hostport(text: str, default_port: int = 443) -> tuple[str, int]:
     return host, int(port)
 
 
-def _same(conn: MuxConnection) -> MuxConnection:
-    return conn
-
-
 class _FlowHead:
     """Reads the flow head the edge sends on a new stream."""
 
@@ -175,8 +197,15 @@ class _FlowHead:
             return
         self.done = True
         self.stream.detach(self.reader.trailing)
+        if request.headers.get(PROBE_HEADER):
+            spawn(
+                self.agent.serve_probe(self.stream, request),
+                name=f"probe {request.host}:{request.port}",
+            )
+            return
         spawn(
-            self.agent.serve_flow(self.stream, request), name=f"dial {request.host}:{request.port}"
+            self.agent.serve_counted(self.stream, request),
+            name=f"dial {request.host}:{request.port}",
         )
 
     def on_eof(self) -> None:
@@ -191,7 +220,61 @@ class _FlowHead:
         pass
 
 
+def cert_times(cert_pem: str) -> tuple[float, float]:
+    """(not_before, not_after) of a PEM certificate, as Unix times."""
+    cert = x509.load_pem_x509_certificate(cert_pem.encode())
+    return cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
+
+
+def renewal_time(cert_pem: str) -> float:
+    """When to renew: after RENEW_AT_FRACTION of the lifetime (not counting the backdate)."""
+    not_before, not_after = cert_times(cert_pem)
+    start = not_before + CERT_BACKDATE if not_after - not_before > CERT_BACKDATE else not_before
+    return start + (not_after - start) * RENEW_AT_FRACTION
+
+
+class _EdgeControl:
+    """The connector's end of its control stream: what the edge sends back (renewals)."""
+
+    def __init__(self, agent: ConnectorAgent, stream: MuxStream) -> None:
+        self.agent = agent
+        self.stream = stream
+        self.decoder = ControlDecoder()
+
+    def on_data(self, data: Buffer) -> None:
+        try:
+            messages = self.decoder.feed(bytes(data))
+        except RemoteProtocolError as exc:
+            log.warning("the edge sent a bad control message (%s): reconnecting", exc.code)
+            self.stream.conn.close()
+            return
+        for raw in messages:
+            try:
+                message = parse_control(raw)
+            except RemoteProtocolError as exc:
+                log.warning("the edge sent a bad %s message: %s", raw.get("type"), exc)
+                continue
+            if isinstance(message, RenewResponse):
+                self.agent.install_certificate(message.cert_pem)
+            elif isinstance(message, RenewRefused):
+                self.agent.renewal_refused(message.code, message.message)
+            elif isinstance(message, Drain):
+                log.info("the edge asks this connector to drain: %s", message.reason)
+
+    def on_eof(self) -> None:
+        self.stream.close()
+
+    def on_closed(self, error: BaseException | None) -> None:
+        pass
+
+    def on_drained(self) -> None:
+        pass
+
+
 class ConnectorAgent:
+    """Keeps ``connections`` links to the edge, serves flows, renews its certificate over
+    the control stream (when ``renew``), and drains on request."""
+
     def __init__(
         self,
         identity: ConnectorIdentity,
@@ -199,17 +282,34 @@ class ConnectorAgent:
         connections: int = 2,
         dial_timeout: float = 10.0,
         edge_override: str | None = None,
+        data_dir: Path | None = None,
+        proxy: str | None = None,
+        renew: bool = True,
+        dial_source: str | None = None,
     ) -> None:
         self.identity = identity
         self.connections = connections
         self.dial_timeout = dial_timeout
         self.edge = parse_hostport(edge_override or identity.edge)
-        self._ssl = client_context(
-            identity.ca_pem,
-            cert_pem=identity.cert_pem,
-            key_pem=identity.key_pem,
-            alpn=[ALPN_MUX],
+        #: Where renewed certificates are stored (None: kept in memory only).
+        self.data_dir = data_dir
+        #: Explicit proxy URL; otherwise HTTPS_PROXY / NO_PROXY decide.
+        self.proxy: ProxyAddress | None = (
+            ProxyAddress.parse(proxy) if proxy else proxy_from_env(self.edge[0])
         )
+        self.renew = renew
+        #: Local address dials to targets leave from (a multi-homed branch host); None: any.
+        self.dial_source = dial_source
+        self._ssl = self._context()
+        self.renew_at = renewal_time(identity.cert_pem)
+        self._renew_key: ec.EllipticCurvePrivateKey | None = None
+        self._renew_sent_at = 0.0
+        #: Flows being dialed or relayed (what a drain waits for).
+        self.flows_in_progress = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.draining = False
+        self._controls: list[MuxStream] = []
         self.active_flows = 0
         self.dials_failed = 0
         self.bytes_up = 0
@@ -230,6 +330,30 @@ class ConnectorAgent:
             for task in self._tasks:
                 task.cancel()
 
+    def _context(self) -> ssl.SSLContext:
+        return client_context(
+            self.identity.ca_pem,
+            cert_pem=self.identity.cert_pem,
+            key_pem=self.identity.key_pem,
+            alpn=[ALPN_MUX],
+        )
+
+    async def drain(self, grace: float = DRAIN_GRACE) -> None:
+        """Tell the edge to send no new flows, wait for the current ones to end (at most
+        ``grace`` seconds), then stop."""
+        self.draining = True
+        for stream in list(self._controls):
+            if not stream.closed:
+                stream.write(encode_control(Drain("connector shutting down")))
+        log.info("draining: %d flows in progress (grace %.0fs)", self.flows_in_progress, grace)
+        if self.flows_in_progress:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await self._idle.wait()
+        if self.flows_in_progress:
+            log.warning("drain grace over: cutting %d flows", self.flows_in_progress)
+        await self.stop()
+
     async def stop(self) -> None:
         self._stopping = True
         for task in self._tasks:
@@ -242,8 +366,7 @@ class ConnectorAgent:
 
     async def _keep_link(self, index: int) -> None:
         backoff = 0.2
-        loop = asyncio.get_running_loop()
-        while not self._stopping:
+        while not self._stopping and not self.draining:
             conn = MuxConnection(
                 is_client=True,
                 on_stream=self._on_stream,
@@ -251,18 +374,17 @@ class ConnectorAgent:
             )
             try:
                 host, port = self.edge
-                await loop.create_connection(
-                    functools.partial(_same, conn),
-                    host,
-                    port,
-                    ssl=self._ssl,
-                    server_hostname=host,
-                    ssl_handshake_timeout=10.0,
-                )
+                await open_tls(conn, host, port, ssl_context=self._ssl, proxy=self.proxy)
             except (OSError, TimeoutError) as exc:
                 log.warning(
-                    "cannot reach the edge at %s:%d: %s (retry in %.1fs)", *self.edge, exc, backoff
+                    "cannot reach the edge at %s:%d%s: %s (retry in %.1fs)",
+                    *self.edge,
+                    f" via proxy {self.proxy.host}:{self.proxy.port}" if self.proxy else "",
+                    exc,
+                    backoff,
                 )
+                if cert_times(self.identity.cert_pem)[1] < time.time():
+                    log.error("this connector's certificate has expired: enroll it again")
                 await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
                 backoff = min(backoff * 2, 10.0)
                 continue
@@ -283,8 +405,19 @@ class ConnectorAgent:
 
     async def _control(self, conn: MuxConnection) -> None:
         stream = conn.open_stream()
+        stream.attach(_EdgeControl(self, stream))
+        self._controls.append(stream)
+        try:
+            await self._control_loop(conn, stream)
+        finally:
+            self._controls.remove(stream)
+
+    async def _control_loop(self, conn: MuxConnection, stream: MuxStream) -> None:
         stream.write(encode_control(Hello("connector", self.identity.connector_id, __version__)))
+        if self.draining:
+            stream.write(encode_control(Drain("connector shutting down")))
         while not conn.closed.done():
+            self._maybe_renew(stream)
             stream.write(
                 encode_control(
                     Heartbeat(
@@ -301,6 +434,96 @@ class ConnectorAgent:
     def _on_stream(self, stream: MuxStream) -> None:
         stream.attach(_FlowHead(self, stream))
 
+    # certificate renewal -------------------------------------------------------------------
+
+    def _maybe_renew(self, stream: MuxStream) -> None:
+        now = time.time()
+        if not self.renew or now < self.renew_at:
+            return
+        # One request in flight; ask again if no answer came within 30 s (link lost).
+        if self._renew_key is not None and now - self._renew_sent_at < 30.0:
+            return
+        self._renew_key = new_key()
+        self._renew_sent_at = now
+        csr = make_csr(self._renew_key, self.identity.connector_id)
+        stream.write(encode_control(RenewRequest(csr)))
+        log.info("renewing this connector's certificate")
+
+    def install_certificate(self, cert_pem: str) -> None:
+        """A renewed certificate arrived: check it matches our pending key, keep it, store it,
+        and use it for every new link (live links keep their TLS session)."""
+        key = self._renew_key
+        if key is None:
+            log.warning("ignored a certificate the connector did not ask for")
+            return
+        try:
+            cert = x509.load_pem_x509_certificate(cert_pem.encode())
+        except ValueError:
+            log.warning("the edge sent an unreadable certificate; renewing again later")
+            self._renew_key = None
+            return
+        if cert.public_key() != key.public_key():
+            log.warning("the renewed certificate does not match the requested key; ignored")
+            self._renew_key = None
+            return
+        self._renew_key = None
+        self.identity = dataclasses.replace(self.identity, cert_pem=cert_pem, key_pem=key_pem(key))
+        self._ssl = self._context()
+        self.renew_at = renewal_time(cert_pem)
+        if self.data_dir is not None:
+            save_identity(self.identity, self.data_dir)
+        log.info(
+            "certificate renewed (serial %x, valid until %s)",
+            cert.serial_number,
+            cert.not_valid_after_utc.isoformat(),
+        )
+
+    def renewal_refused(self, code: str, message: str) -> None:
+        self._renew_key = None
+        # Try again after a tenth of what is left (at least 1 s, at most an hour).
+        left = cert_times(self.identity.cert_pem)[1] - time.time()
+        self.renew_at = time.time() + min(max(left / 10, 1.0), 3600.0)
+        log.warning("certificate renewal refused (%s): %s", code, message)
+
+    # flows ---------------------------------------------------------------------------------
+
+    def _local_addr(self) -> tuple[str, int] | None:
+        return (self.dial_source, 0) if self.dial_source else None
+
+    async def serve_counted(self, stream: MuxStream, request: wire.FlowRequest) -> None:
+        """Serve one flow, counted from its dial to its end (what a drain waits for)."""
+        self.flows_in_progress += 1
+        self._idle.clear()
+        try:
+            await self.serve_flow(stream, request)
+        finally:
+            self.flows_in_progress -= 1
+            if not self.flows_in_progress:
+                self._idle.set()
+
+    async def serve_probe(self, stream: MuxStream, request: wire.FlowRequest) -> None:
+        """The edge's data-path check: dial the target, hang up, report the outcome."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(min(self.dial_timeout, PROBE_DIAL_TIMEOUT)):
+                transport, _ = await loop.create_connection(
+                    asyncio.Protocol, request.host, request.port, local_addr=self._local_addr()
+                )
+        except TimeoutError:
+            self._refuse(stream, 504, "target_timeout", "probe dial timed out", quiet=True)
+            return
+        except socket.gaierror as exc:
+            self._refuse(stream, 502, "target_unresolvable", str(exc.strerror), quiet=True)
+            return
+        except OSError as exc:
+            refused = isinstance(exc, ConnectionRefusedError)
+            code = "target_refused" if refused else "target_unreachable"
+            self._refuse(stream, 502, code, str(exc.strerror), quiet=True)
+            return
+        transport.abort()  # no bytes to the target: a probe must not look like a client
+        stream.write(wire.encode_response(200))
+        stream.close()
+
     async def serve_flow(self, stream: MuxStream, request: wire.FlowRequest) -> None:
         if request.protocol != "tcp":
             stream.write(
@@ -314,7 +537,9 @@ class ConnectorAgent:
         target = TransportEndpoint()
         try:
             async with asyncio.timeout(self.dial_timeout):
-                await loop.create_connection(lambda: target, request.host, request.port)
+                await loop.create_connection(
+                    lambda: target, request.host, request.port, local_addr=self._local_addr()
+                )
         except TimeoutError:
             self.dials_failed += 1
             self._refuse(
@@ -350,7 +575,12 @@ class ConnectorAgent:
             self.bytes_up += relay.bytes_a_to_b
             self.bytes_down += relay.bytes_b_to_a
 
-    def _refuse(self, stream: MuxStream, status: int, code: str, message: str) -> None:
-        log.info("dial refused (%s): %s", code, message)
+    def _refuse(
+        self, stream: MuxStream, status: int, code: str, message: str, *, quiet: bool = False
+    ) -> None:
+        if quiet:  # probes run twice a second: their failures are the edge's to log
+            log.debug("probe dial failed (%s): %s", code, message)
+        else:
+            log.info("dial refused (%s): %s", code, message)
         stream.write(wire.encode_refusal(status, code, message))
         stream.close()

@@ -313,6 +313,8 @@ class ConnectorMonitor:
             link.health.probe_in_flight = False
         was_failing = link.health.failing()
         link.health.record_check(ok, self.now(), failure)
+        if ok == was_failing:  # a change: let the API see it now, not at the next tick
+            self.publish(self.now())
         if ok and was_failing:
             log.info("connector %s passes its data-path check again", link.connector_id)
         elif not ok and not was_failing:

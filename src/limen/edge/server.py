@@ -25,9 +25,10 @@ from typing import Any, cast
 
 from limen.bus.inprocess import CONFIG_CHANGED, SUBJECT_REVOKED, BusEvent
 from limen.edge.admission import Decision, admit
-from limen.edge.connectors import ConnectorLink, ConnectorRegistry
+from limen.edge.connectors import ConnectorLink, ConnectorMonitor, ConnectorRegistry
+from limen.edge.health import STALE_DAYS_DEFAULT
 from limen.edge.snapshot import Snapshot, load_snapshot
-from limen.errors import AuthError, RemoteProtocolError
+from limen.errors import AuthError, ConfigError, RemoteProtocolError
 from limen.identity.tokens import EDGE_AUDIENCE, TokenVerifier
 from limen.ids import new_id
 from limen.logs.traffic import TrafficLogWriter
@@ -43,16 +44,29 @@ from limen.net.mux import MuxConnection, MuxStream, open_flow
 from limen.net.relay import CloseReason, Relay
 from limen.net.tasks import spawn
 from limen.net.tls import ALPN_MUX, server_context
-from limen.pki import connector_id_from_cert
+from limen.pki import IssuedCert, connector_id_from_cert
 from limen.service import ServiceContext
 from limen.signals import SIGNAL_ENFORCED
+from limen.store.models import Connector
 from limen.wire import connect as wire
-from limen.wire.control import ControlDecoder, Heartbeat, Hello, parse_control
+from limen.wire.control import (
+    ControlDecoder,
+    Drain,
+    Heartbeat,
+    Hello,
+    RenewRefused,
+    RenewRequest,
+    RenewResponse,
+    encode_control,
+    parse_control,
+)
 
 log = logging.getLogger(__name__)
 
 #: A flow head must arrive within this time, or the stream/connection is dropped (slowloris).
 HEAD_TIMEOUT = 10.0
+#: Minimum seconds between two certificate renewals on one control stream.
+RENEW_MIN_INTERVAL = 1.0
 
 
 @dataclass
@@ -159,6 +173,11 @@ class Edge:
             self.snapshot.keys, issuer=self.settings.resolved_issuer, audience=EDGE_AUDIENCE
         )
         self.connectors = ConnectorRegistry()
+        self.monitor = ConnectorMonitor(
+            self.connectors,
+            ctx.store,
+            stale_days=float(getattr(self.settings, "connector_stale_days", STALE_DAYS_DEFAULT)),
+        )
         self.flows: dict[str, LiveFlow] = {}
         self.flows_by_user: dict[str, set[str]] = {}
         self.traffic = TrafficLogWriter(
@@ -200,6 +219,7 @@ class Edge:
         self._unsubscribe.append(self.ctx.bus.subscribe(self._on_bus))
         self._tasks.append(spawn(self.traffic.run(), name="edge traffic log"))
         self._tasks.append(spawn(self._watch_config(), name="edge config watch"))
+        self._tasks.append(spawn(self.monitor.run(), name="edge connector monitor"))
         log.info("edge listening on port %d", self.port)
 
     async def stop(self) -> None:
@@ -230,9 +250,11 @@ class Edge:
 
     async def reload(self) -> None:
         snapshot = await asyncio.to_thread(load_snapshot, self.ctx.store)
-        self.snapshot = snapshot
+        previous, self.snapshot = self.snapshot, snapshot
+        self._cut_revoked(previous, snapshot)
         self.verifier.replace_keys(snapshot.keys)
         self.connectors.regroup({c.id: c.group_id for c in snapshot.connectors.values()})
+        self.monitor.set_snapshot(snapshot)
         for link in list(self.connectors.links.values()):
             info = snapshot.connectors.get(link.connector_id)
             link.draining = info is not None and info.state == "draining"
@@ -240,6 +262,18 @@ class Edge:
                 log.warning("connector %s was revoked or removed: closing", link.connector_id)
                 for conn in list(link.connections):
                     conn.close()
+
+    def _cut_revoked(self, previous: Snapshot, current: Snapshot) -> None:
+        """Cut live flows of users revoked since the previous snapshot. In one process the
+        bus does it at once; an edge in another process (sharing the store) learns it here,
+        within ``config_poll_seconds``."""
+        for user_id in list(self.flows_by_user):
+            before = previous.users.get(user_id)
+            now = current.users.get(user_id)
+            if now is None or not now.enabled or (
+                before is not None and now.revoked_before > before.revoked_before
+            ):
+                self._revoke_user(user_id)
 
     def _on_bus(self, event: BusEvent) -> None:
         # Called from any thread: hop onto the loop.
@@ -293,6 +327,27 @@ class Edge:
             log.info("revoked %d live flows of %s", len(flow_ids), user_id)
         self._reload.set()
         return len(flow_ids)
+
+    def renew_connector(self, connector_id: str, csr_pem: str) -> IssuedCert:
+        """Sign a renewal CSR for a connector and record the new serial and expiry (runs in
+        a worker thread). ConfigError if the CSR is bad or the connector was revoked."""
+        issued = self.ctx.pki.issue_connector_cert(
+            csr_pem, connector_id, self.settings.connector_cert_ttl
+        )
+        with self.ctx.store.session() as s:
+            row = s.get(Connector, connector_id)
+            if row is None or row.state == "revoked":
+                raise ConfigError("this connector was revoked", code="connector_revoked")
+            previous = row.cert_serial
+            row.cert_serial = issued.serial
+            row.cert_not_after = issued.not_after
+        self.ctx.audit(
+            f"connector:{connector_id}",
+            "connector.renew",
+            connector_id,
+            {"cert_serial": issued.serial, "previous_serial": previous},
+        )
+        return issued
 
     # connections -----------------------------------------------------------------------------
 
@@ -350,7 +405,7 @@ class Edge:
         transport.set_protocol(conn)
         conn.connection_made(transport)
         link = self.connectors.add(
-            connector_id, info.group_id, conn, name=info.name, address=source[0]
+            connector_id, info.group_id, conn, self._loop.time(), name=info.name, address=source[0]
         )
         link.draining = info.state == "draining"
 
@@ -386,7 +441,13 @@ class Edge:
         flow_id = request.headers.get(wire.HEADER_FLOW_ID, "")
         if not flow_id.startswith("flw_") or len(flow_id) > 40 or flow_id in self.flows:
             flow_id = new_id("flow")
-        decision = admit(request, snapshot=self.snapshot, verifier=self.verifier, now=started)
+        decision = admit(
+            request,
+            snapshot=self.snapshot,
+            verifier=self.verifier,
+            now=started,
+            source_ip=source[0],
+        )
         record = self._record(flow_id, conn_id, started, request, source, decision)
         if not decision.allowed:
             self._refuse(
@@ -394,20 +455,6 @@ class Edge:
             )
             return
         assert decision.app is not None and decision.claims is not None
-        picked = self.connectors.pick(decision.app.connector_group_id)
-        if picked is None:
-            group = self.snapshot.connector_groups.get(decision.app.connector_group_id, "?")
-            self._refuse(
-                endpoint,
-                502,
-                "no_connector",
-                f"no connector of group {group} is connected",
-                record,
-                decision,
-            )
-            return
-        link, conn = picked
-        record["connector_id"] = link.connector_id
         head = wire.encode_request(
             request.protocol,
             request.host,
@@ -418,14 +465,59 @@ class Edge:
                 (wire.HEADER_SOURCE, f"{source[0]}:{source[1]}"),
             ],
         )
-        link.active_flows += 1
+        opened = await self._open_via_connector(endpoint, request, head, record, decision)
+        if opened is None:
+            return
+        link, target = opened
         try:
+            endpoint.write(wire.encode_response(200 if request.protocol == "tcp" else 101))
+            await self._relay(endpoint, target, trailing, record, decision, link)
+        finally:
+            link.active_flows -= 1
+
+    async def _open_via_connector(
+        self,
+        endpoint: Endpoint,
+        request: wire.FlowRequest,
+        head: bytes,
+        record: dict[str, Any],
+        decision: Decision,
+    ) -> tuple[ConnectorLink, MuxStream] | None:
+        """Pick a connector of the app's group and open the flow on it. On success the
+        picked link's ``active_flows`` is already counted (the caller uncounts it); on
+        failure the client has been answered and None is returned.
+
+        If the chosen connector's link dies while the flow opens, the flow is tried once
+        more on another connector: nothing has been relayed yet (the client's bytes wait
+        in its paused stream and in ``trailing``), so the retry is invisible to it."""
+        assert decision.app is not None
+        group_id = decision.app.connector_group_id
+        tried: frozenset[str] = frozenset()
+        while True:
+            picked = self.connectors.pick(group_id, self._loop.time(), tried)
+            if picked is None:
+                group = self.snapshot.connector_groups.get(group_id, "?")
+                detail = "is connected" if not tried else "is left after a connector was lost"
+                self._refuse(
+                    endpoint,
+                    502,
+                    "no_connector",
+                    f"no healthy connector of group {group} {detail}",
+                    record,
+                    decision,
+                )
+                return None
+            link, conn = picked
+            record["connector_id"] = link.connector_id
+            link.active_flows += 1
             try:
                 target, response = await open_flow(
                     conn, head, request.protocol, self.settings.connector_dial_timeout
                 )
             except TimeoutError:
+                link.active_flows -= 1
                 link.recent_failures += 1
+                self.monitor.on_flow_result(link, False, "connector_timeout")
                 self._refuse(
                     endpoint,
                     504,
@@ -434,9 +526,18 @@ class Edge:
                     record,
                     decision,
                 )
-                return
+                return None
             except (ConnectionError, RemoteProtocolError) as exc:
+                link.active_flows -= 1
                 link.recent_failures += 1
+                if not conn.is_open and not tried:
+                    log.info(
+                        "flow %s: connector %s was lost while the flow opened; retrying",
+                        record["flow_id"],
+                        link.connector_id,
+                    )
+                    tried = tried | {link.connector_id}
+                    continue
                 self._refuse(
                     endpoint,
                     502,
@@ -445,18 +546,24 @@ class Edge:
                     record,
                     decision,
                 )
-                return
+                return None
             if not response.ok:
+                link.active_flows -= 1
                 code, message = response.error()
-                if code not in ("target_unresolvable",):
-                    link.recent_failures += 0  # target errors are not the connector's fault
+                if code in ("target_unreachable", "target_timeout", "target_unresolvable"):
+                    # Possibly this connector's route or resolver: a health signal, which
+                    # the relative judgement weighs against its peers.
+                    link.recent_failures += 1
+                    self.monitor.on_flow_result(link, False, code)
                 self._refuse(endpoint, response.status, code, message, record, decision)
-                return
+                return None
             link.recent_failures = 0
-            endpoint.write(wire.encode_response(200 if request.protocol == "tcp" else 101))
-            await self._relay(endpoint, target, trailing, record, decision, link)
-        finally:
-            link.active_flows -= 1
+            self.monitor.on_flow_result(link, True)
+            choice = f"connector {link.connector_id} ({link.active_flows - 1} active flows)"
+            if tried:
+                choice += f", retried after {', '.join(sorted(tried))} was lost"
+            record["reason"] = f"{record['reason']}; {choice}" if record["reason"] else choice
+            return link, target
 
     async def _relay(
         self,
@@ -486,6 +593,14 @@ class Edge:
         try:
             relay.start(initial_to_b=trailing)
             reason = await relay.done
+            if (
+                reason in (CloseReason.TARGET_CLOSED, CloseReason.ERROR)
+                and relay.error is not None
+                and target.conn.closed.done()
+            ):
+                # The connector's whole link went away under the flow (process killed,
+                # network cut, keepalive timeout), not just the target connection.
+                reason = CloseReason.CONNECTOR_LOST
         finally:
             FLOWS_ACTIVE.dec()
             self.flows.pop(flow.flow_id, None)
@@ -500,7 +615,9 @@ class Edge:
         BYTES_TOTAL.labels("up").inc(up)
         BYTES_TOTAL.labels("down").inc(down)
         record.update(ended_at=time.time(), bytes_up=up, bytes_down=down, close_reason=str(reason))
-        if relay.error is not None and reason is CloseReason.ERROR:
+        if reason is CloseReason.CONNECTOR_LOST:
+            record["reason"] = f"connector {link.connector_id} was lost: {relay.error!r}"[:500]
+        elif relay.error is not None and reason is CloseReason.ERROR:
             record["reason"] = f"relay failed: {relay.error!r}"[:500]
             log.warning("flow %s ended by an error: %r", flow.flow_id, relay.error)
         self.traffic.submit(record)
@@ -561,19 +678,23 @@ class Edge:
             "action": decision.action,
             "code": decision.code,
             "reason": decision.reason,
-            "policy_ids": [],
+            "policy_ids": list(decision.policy_ids),
             "edge_node": self.ctx.node_name,
         }
 
 
 class _ControlReceiver:
-    """The edge's end of a connector's control stream."""
+    """The edge's end of a connector's control stream: hello, heartbeats, drain and
+    certificate renewal. Bad framing closes the connector's link (its flows end as
+    ``connector_lost``; its other links and every other connector are unaffected)."""
 
     def __init__(self, edge: Edge, link: ConnectorLink, stream: MuxStream) -> None:
         self.edge = edge
         self.link = link
         self.stream = stream
         self.decoder = ControlDecoder()
+        self.renewing = False
+        self.last_renewal = -1e9
 
     def on_data(self, data: Buffer) -> None:
         try:
@@ -587,18 +708,68 @@ class _ControlReceiver:
             )
             self.stream.conn.close()
             return
+        if messages:
+            self.edge.monitor.on_control(self.link)
         for raw in messages:
             try:
                 message = parse_control(raw)
             except RemoteProtocolError as exc:
+                PROTOCOL_ERRORS.labels(exc.code).inc()
                 log.warning(
                     "connector %s: bad %s message: %s", self.link.connector_id, raw.get("type"), exc
                 )
                 continue
             if isinstance(message, Hello):
-                self.link.version = message.version
+                self.link.version = message.version[:64]
             elif isinstance(message, Heartbeat):
                 self.link.last_heartbeat = time.time()
+                self.link.reported_active_flows = message.active_flows
+                self.link.reported_dials_failed = message.dials_failed
+            elif isinstance(message, Drain):
+                if not self.link.self_draining:
+                    log.info(
+                        "connector %s is draining (%s): no new flows",
+                        self.link.connector_id,
+                        message.reason or "no reason given",
+                    )
+                self.link.self_draining = True
+            elif isinstance(message, RenewRequest):
+                self._renew(message)
+
+    def _renew(self, message: RenewRequest) -> None:
+        # One renewal at a time and at most one per RENEW_MIN_INTERVAL per stream: each is
+        # a signature and a database write, and a connector only needs one per lifetime.
+        now = self.edge._loop.time()
+        if self.renewing or now - self.last_renewal < RENEW_MIN_INTERVAL:
+            self._send(RenewRefused("renewal_too_soon", "a renewal was just issued"))
+            return
+        self.renewing = True
+        self.last_renewal = now
+        spawn(self._do_renew(message.csr_pem), name=f"renew {self.link.connector_id}")
+
+    async def _do_renew(self, csr_pem: str) -> None:
+        connector_id = self.link.connector_id
+        try:
+            info = self.edge.snapshot.connectors.get(connector_id)
+            if info is None or info.state == "revoked":
+                self._send(RenewRefused("connector_revoked", "this connector was revoked"))
+                return
+            try:
+                issued = await asyncio.to_thread(self.edge.renew_connector, connector_id, csr_pem)
+            except ConfigError as exc:
+                log.warning("connector %s: renewal refused: %s", connector_id, exc)
+                self._send(RenewRefused(exc.code, exc.message))
+                return
+            self._send(RenewResponse(issued.cert_pem, issued.not_after))
+            log.info(
+                "connector %s renewed its certificate (serial %s)", connector_id, issued.serial
+            )
+        finally:
+            self.renewing = False
+
+    def _send(self, message: RenewResponse | RenewRefused) -> None:
+        if not self.stream.closed:
+            self.stream.write(encode_control(message))
 
     def on_eof(self) -> None:
         self.stream.close()
