@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, select
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Engine, create_engine, event, select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from limen.errors import StoreError
@@ -94,12 +94,28 @@ def _sqlite_pragmas(dbapi_conn: object, _record: object) -> None:
 def bump_config_version(session: Session) -> None:
     """Mark configuration as changed inside ``session``'s unit of work, so every edge node
     recompiles its snapshot (at once in this process via the bus, else on its next poll)."""
-    row = session.get(ConfigVersion, 1)
-    if row is None:
-        session.add(ConfigVersion(id=1, version=1, changed_at=time.time()))
-    else:
-        row.version += 1
-        row.changed_at = time.time()
+    now = time.time()
+    # One atomic UPDATE, not read-then-write: on PostgreSQL two concurrent changes would both
+    # read N and both write N + 1, and an edge that reloaded between them would miss one.
+    bumped = session.execute(
+        update(ConfigVersion)
+        .where(ConfigVersion.id == 1)
+        .values(version=ConfigVersion.version + 1, changed_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if getattr(bumped, "rowcount", 0) == 1:
+        return
+    try:
+        with session.begin_nested():
+            session.add(ConfigVersion(id=1, version=1, changed_at=now))
+    except IntegrityError:
+        # Another transaction created the row first: bump that one.
+        session.execute(
+            update(ConfigVersion)
+            .where(ConfigVersion.id == 1)
+            .values(version=ConfigVersion.version + 1, changed_at=now)
+            .execution_options(synchronize_session=False)
+        )
 
 
 def token_hash(token: str) -> str:

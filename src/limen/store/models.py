@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Float,
     ForeignKey,
@@ -271,8 +272,10 @@ class TrafficRecord(Base):
     code: Mapped[str] = mapped_column(String(64), default="")
     reason: Mapped[str] = mapped_column(Text, default="")
     policy_ids: Mapped[list[str]] = mapped_column(JSON, default=list)
-    bytes_up: Mapped[int] = mapped_column(Integer, default=0)
-    bytes_down: Mapped[int] = mapped_column(Integer, default=0)
+    #: 64-bit: a long flow passes 2 GiB, and PostgreSQL's ``integer`` is 32-bit (an overflow
+    #: would fail the whole batch insert).
+    bytes_up: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_down: Mapped[int] = mapped_column(BigInteger, default=0)
     #: UDP flows: DATAGRAM capsules each way (0 for TCP and DNS)
     datagrams_up: Mapped[int] = mapped_column(Integer, default=0)
     datagrams_down: Mapped[int] = mapped_column(Integer, default=0)
@@ -328,6 +331,37 @@ class AdminToken(Base):
     role: Mapped[str] = mapped_column(String(16), default="admin")
     created_at: Mapped[float] = mapped_column(Float)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+# --- the distributed bus ----------------------------------------------------------------------
+
+
+class BusEventRow(Base):
+    """One event of the PostgreSQL bus (:mod:`limen.bus.postgres`), kept for a retention
+    window so that a node that was away replays what it missed. Ids grow in commit order
+    (publishers serialise on an advisory lock), so "everything after id N" is exact."""
+
+    __tablename__ = "bus_events"
+    __table_args__ = (Index("ix_bus_events_created", "created_at"),)
+    # BIGSERIAL on PostgreSQL; SQLite autoincrements only an INTEGER primary key.
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    topic: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: The publishing process (random per process): a node skips its own events, which it
+    #: delivered locally when it published them.
+    origin: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class BusPosition(Base):
+    """The last bus event a node processed, so that a restarted node replays from there."""
+
+    __tablename__ = "bus_positions"
+    node: Mapped[str] = mapped_column(String(128), primary_key=True)
+    last_id: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[float] = mapped_column(Float, default=0.0)
 
 
 # Tables defined beside their feature register on the same metadata (imported last: they

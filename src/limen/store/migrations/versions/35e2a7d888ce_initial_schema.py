@@ -1,8 +1,8 @@
 """initial schema
 
-Revision ID: 7bc1fc893d4c
+Revision ID: 35e2a7d888ce
 Revises:
-Create Date: 2026-11-22 00:48:48.636440
+Create Date: 2026-11-22 00:59:34.777141
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 
-revision = "7bc1fc893d4c"
+revision = "35e2a7d888ce"
 down_revision = None
 branch_labels = None
 depends_on = None
@@ -55,6 +55,30 @@ def upgrade() -> None:
     with op.batch_alter_table("audit_log", schema=None) as batch_op:
         batch_op.create_index("ix_audit_at", ["at"], unique=False)
 
+    op.create_table(
+        "bus_events",
+        sa.Column(
+            "id",
+            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+            autoincrement=True,
+            nullable=False,
+        ),
+        sa.Column("topic", sa.String(length=64), nullable=False),
+        sa.Column("payload", sa.JSON(), nullable=False),
+        sa.Column("origin", sa.String(length=64), nullable=False),
+        sa.Column("created_at", sa.Float(), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+    )
+    with op.batch_alter_table("bus_events", schema=None) as batch_op:
+        batch_op.create_index("ix_bus_events_created", ["created_at"], unique=False)
+
+    op.create_table(
+        "bus_positions",
+        sa.Column("node", sa.String(length=128), nullable=False),
+        sa.Column("last_id", sa.BigInteger(), nullable=False),
+        sa.Column("updated_at", sa.Float(), nullable=False),
+        sa.PrimaryKeyConstraint("node"),
+    )
     op.create_table(
         "config_version",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -275,8 +299,8 @@ def upgrade() -> None:
         sa.Column("code", sa.String(length=64), nullable=False),
         sa.Column("reason", sa.Text(), nullable=False),
         sa.Column("policy_ids", sa.JSON(), nullable=False),
-        sa.Column("bytes_up", sa.Integer(), nullable=False),
-        sa.Column("bytes_down", sa.Integer(), nullable=False),
+        sa.Column("bytes_up", sa.BigInteger(), nullable=False),
+        sa.Column("bytes_down", sa.BigInteger(), nullable=False),
         sa.Column("datagrams_up", sa.Integer(), nullable=False),
         sa.Column("datagrams_down", sa.Integer(), nullable=False),
         sa.Column("close_reason", sa.String(length=32), nullable=False),
@@ -539,6 +563,11 @@ def downgrade() -> None:
     op.drop_table("device_codes")
     op.drop_table("connector_groups")
     op.drop_table("config_version")
+    op.drop_table("bus_positions")
+    with op.batch_alter_table("bus_events", schema=None) as batch_op:
+        batch_op.drop_index("ix_bus_events_created")
+
+    op.drop_table("bus_events")
     with op.batch_alter_table("audit_log", schema=None) as batch_op:
         batch_op.drop_index("ix_audit_at")
 
