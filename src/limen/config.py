@@ -54,6 +54,15 @@ class Settings:
     access_token_max_ttl: int = 5400
     #: Access-token lifetime for CAE-capable (``cp1``) clients.
     cae_token_ttl: int = 24 * 3600
+    #: Continuous access evaluation for ``cp1`` clients. Off: every client gets ordinary
+    #: 60-90 minute tokens without ``xms_cc``. Revocations still cut live flows either way
+    #: (turning that off would only make access outlive a disabled account).
+    cae_enabled: bool = True
+    #: Strict enforcement: a flow is refused (401 ``insufficient_claims``) when its source
+    #: address differs from the token's ``ipaddr`` (the address seen at sign-in or refresh),
+    #: so a stolen token replayed from elsewhere fails. Needs the API and the edge to see the
+    #: same client address (no NAT between them).
+    cae_strict_ip: bool = False
     refresh_token_ttl: int = 14 * 24 * 3600
     device_code_ttl: int = 600
     device_code_interval: int = 5

@@ -396,10 +396,27 @@ def client_status() -> None:
                 "access_token_expires_in": max(left, 0),
                 "capabilities": state.capabilities,
                 "daemon": _daemon_status(files),
+                "paused": _paused_processes(files),
             },
             indent=2,
         )
     )
+
+
+def _paused_processes(files: Any) -> list[dict[str, Any]]:
+    """Why access is paused in running ``forward`` / ``socks`` processes (a claims
+    challenge they could not answer), from their pause files."""
+    from limen.client.tunnel import read_pause_files
+
+    return read_pause_files(files.directory)
+
+
+def _reports_pauses(session: Any, files: Any, purpose: str) -> None:
+    """Make ``session`` write its pause reason where ``status`` looks for it."""
+    from limen.client.tunnel import pause_file
+
+    session.pause_path = pause_file(files.directory)
+    session.purpose = purpose
 
 
 def _daemon_status(files: Any) -> dict[str, Any]:
@@ -461,8 +478,10 @@ def client_forward(
     lhost, lport = _split_target(listen) if not listen.endswith(":0") else (listen[:-2], 0)
 
     async def main() -> None:
-        session = load_session(_state_file())
+        files = _state_file()
+        session = load_session(files)
         session.reauthenticate = _reauthenticator(session.state)
+        _reports_pauses(session, files, f"forward {host}:{port}")
         await session.warm_up()
         server = await serve_forward(session, host, port, lhost, lport, on_refused=_print_refusal)
         bound = server.sockets[0].getsockname()
@@ -474,6 +493,7 @@ def client_forward(
             await _forever()
         finally:
             server.close()
+            session.set_paused("")
             await session.close()
 
     _run(main)
@@ -490,8 +510,10 @@ def client_socks(
     lhost, lport = _split_target(listen) if not listen.endswith(":0") else (listen[:-2], 0)
 
     async def main() -> None:
-        session = load_session(_state_file())
+        files = _state_file()
+        session = load_session(files)
         session.reauthenticate = _reauthenticator(session.state)
+        _reports_pauses(session, files, f"socks {lhost}:{lport}")
         await session.warm_up()
         server = await serve_socks(session, lhost, lport, on_refused=_print_refusal)
         bound = server.sockets[0].getsockname()
@@ -500,6 +522,7 @@ def client_socks(
             await _forever()
         finally:
             server.close()
+            session.set_paused("")
             await session.close()
 
     _run(main)
@@ -705,7 +728,11 @@ def _reauthenticator(state: Any) -> Any:
         hint = "limen client login" + (" --mfa --otp CODE" if step_up else "")
         typer.echo(f"limen: access paused: {refusal.message}", err=True)
         if not sys.stdin.isatty() or not state.username:
-            typer.echo(f"limen: sign in again with `{hint}`; the flow was refused", err=True)
+            # Unattended: refuse the flow and say what to run; a sign-in made by another
+            # process is picked up by the next flow (EdgeSession adopts it).
+            typer.echo(
+                f"limen: sign in again with `{hint}`; flows are refused until then", err=True
+            )
             return False
         import getpass
 

@@ -4,9 +4,14 @@ per flow, and the local capture modes that feed them (port forward, SOCKS5)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
+import os
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from limen import __version__
@@ -38,9 +43,50 @@ class FlowRefused(LimenError):
 #: then retried once with the new token). Runs in a worker thread: it may prompt.
 Reauthenticate = Callable[["FlowRefused"], bool]
 
+#: The edge's refusal code under strict enforcement when the flow's source address is not
+#: the token's ``ipaddr`` (limen.edge.admission.ADDRESS_MISMATCH): a refresh answers it.
+ADDRESS_MISMATCH = "address_mismatch"
+
 CHALLENGE_CODES = frozenset(
-    {"insufficient_user_authentication", "session_revoked", "user_disabled", "unknown_user"}
+    {
+        "insufficient_user_authentication",
+        "session_revoked",
+        "user_disabled",
+        "unknown_user",
+        ADDRESS_MISMATCH,
+    }
 )
+
+#: Written by ``forward`` and ``socks`` processes while access is paused, one per process,
+#: in the client directory; ``limen client status`` lists them.
+PAUSE_FILE_GLOB = "paused-*.json"
+
+
+def pause_file(directory: Path, pid: int | None = None) -> Path:
+    """The pause status file of process ``pid`` (this one by default)."""
+    return directory / f"paused-{os.getpid() if pid is None else pid}.json"
+
+
+def read_pause_files(directory: Path) -> list[dict[str, Any]]:
+    """Pause reasons of running client processes; files of processes that are gone are
+    removed."""
+    found: list[dict[str, Any]] = []
+    for path in sorted(directory.glob(PAUSE_FILE_GLOB)):
+        try:
+            data = json.loads(path.read_text())
+            pid = int(data.get("pid", 0))
+        except (OSError, ValueError, AttributeError):
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            continue
+        except PermissionError:
+            pass  # another user's process: alive
+        found.append(data)
+    return found
 
 
 class EdgeSession:
@@ -56,8 +102,19 @@ class EdgeSession:
         connections: int = 2,
         process_name: str = "",
         reauthenticate: Reauthenticate | None = None,
+        local_address: str = "",
     ) -> None:
         self.state = state
+        #: Bind edge connections to this local address ("" lets the kernel choose).
+        self.local_address = local_address
+        #: The local address of the last edge connection: a change means the network
+        #: changed, and the next flow refreshes its token first (it carries ``ipaddr``).
+        self.seen_local_ip = ""
+        self._address_changed = False
+        #: Where this process reports a pause for ``limen client status`` (None: nowhere).
+        self.pause_path: Path | None = None
+        #: Shown in the pause file: what this process is (``forward 10.0.0.5:22``).
+        self.purpose = ""
         self.reauthenticate = reauthenticate
         #: Why access is paused (the last challenge), for ``status``; "" when flowing.
         self.paused_reason = ""
@@ -87,13 +144,14 @@ class EdgeSession:
             loop = asyncio.get_running_loop()
             conn = MuxConnection(is_client=True, name="edge")
             try:
-                await loop.create_connection(
+                transport, _ = await loop.create_connection(
                     lambda: conn,
                     self.edge_host,
                     self.edge_port,
                     ssl=self._ssl,
                     server_hostname=self.edge_host,
                     ssl_handshake_timeout=10.0,
+                    local_addr=(self.local_address, 0) if self.local_address else None,
                 )
             except OSError as exc:
                 if self.conns:
@@ -105,7 +163,17 @@ class EdgeSession:
                 ) from exc
             conn.start_keepalive(interval=15.0, timeout=45.0)
             self.conns.append(conn)
+            self._note_local_address(transport.get_extra_info("sockname"))
             return conn
+
+    def _note_local_address(self, sockname: Any) -> None:
+        if not isinstance(sockname, tuple) or not sockname:
+            return
+        local_ip = str(sockname[0])
+        if self.seen_local_ip and local_ip != self.seen_local_ip:
+            log.info("the local address changed (%s -> %s)", self.seen_local_ip, local_ip)
+            self._address_changed = True
+        self.seen_local_ip = local_ip
 
     async def warm_up(self) -> None:
         """Open every connection now, so the first flows pay no handshake."""
@@ -116,24 +184,86 @@ class EdgeSession:
                 break
 
     async def access_token(self, force_refresh: bool = False) -> str:
+        if self._address_changed:
+            # Network change: a new token carries the new address (strict enforcement) and
+            # the sign-in policy, location conditions included, is evaluated again.
+            self._address_changed = False
+            try:
+                await asyncio.to_thread(self._refresh_blocking, self.state.access_token)
+            except LimenError as exc:
+                log.warning("refresh after a network change failed: %s (%s)", exc, exc.code)
+            return self.state.access_token
         if not force_refresh and self.state.token_fresh():
             return self.state.access_token
-        await asyncio.to_thread(self._refresh_blocking)
+        stale = self.state.access_token if force_refresh else None
+        await asyncio.to_thread(self._refresh_blocking, stale)
         return self.state.access_token
 
-    def _refresh_blocking(self) -> None:
+    def _refresh_blocking(self, stale: str | None = None) -> None:
+        """Refresh the access token: when it is no longer fresh, or (``stale``) when it is
+        still that token — a concurrent flow may have refreshed it already."""
         with self._refresh_lock:
-            if self.state.token_fresh():
+            if stale is None and self.state.token_fresh():
+                return
+            if stale is not None and self.state.access_token != stale:
                 return
             with auth.http_client(self.state) as http:
                 auth.refresh(self.state, http)
             if self.state_file is not None:
                 self.state_file.save(self.state)
 
+    def _adopt_newer_sign_in(self, used: str) -> bool:
+        """Take the tokens of a sign-in made meanwhile by another process (``limen client
+        login`` in a terminal while this one runs unattended); True when there was one."""
+        if self.state_file is None:
+            return False
+        with self._refresh_lock:
+            try:
+                on_disk = self.state_file.load()
+            except LimenError:
+                return False
+            if not on_disk.access_token or on_disk.access_token in (used, self.state.access_token):
+                return self.state.access_token != used
+            # In place: the reauthenticate callback holds this very object.
+            for name in ClientState.__dataclass_fields__:
+                setattr(self.state, name, getattr(on_disk, name))
+            log.info("using the sign-in made by another process")
+            return True
+
+    def set_paused(self, reason: str) -> None:
+        """Record why access is paused ("" when it flows again) for ``status``."""
+        if reason == self.paused_reason:
+            return
+        self.paused_reason = reason
+        if self.pause_path is None:
+            return
+        try:
+            if reason:
+                self.pause_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                tmp = self.pause_path.with_suffix(".tmp")
+                body = {
+                    "pid": os.getpid(),
+                    "purpose": self.purpose,
+                    "paused_reason": reason,
+                    "since": time.time(),
+                }
+                tmp.write_text(json.dumps(body))
+                os.replace(tmp, self.pause_path)
+            else:
+                self.pause_path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self.pause_path, exc)
+
     async def open(
         self, protocol: str, host: str, port: int, *, process: str = ""
     ) -> tuple[MuxStream, wire.FlowResponse]:
-        """Open one flow; raises :class:`FlowRefused` with the edge's code and reason."""
+        """Open one flow; raises :class:`FlowRefused` with the edge's code and reason.
+
+        A claims challenge (revocation, step-up, strict enforcement) pauses access: the
+        reason is kept in ``paused_reason`` until a flow is admitted again. It is answered
+        once per flow: a token moved to another address is refreshed (it then carries the
+        new address); otherwise a sign-in made by another process is adopted, or
+        ``reauthenticate`` asks the user."""
         retried = False
         while True:
             token = await self.access_token()
@@ -159,7 +289,7 @@ class EdgeSession:
                 conn.close()
                 continue
             if response.ok:
-                self.paused_reason = ""
+                self.set_paused("")
                 return stream, response
             code, message = response.error()
             refusal = FlowRefused(
@@ -170,11 +300,22 @@ class EdgeSession:
                 await self.access_token(force_refresh=True)
                 continue
             if response.status == 401 and code in CHALLENGE_CODES:
-                self.paused_reason = f"{code}: {message}"
-                if not retried and self.reauthenticate is not None:
-                    retried = True
-                    if await asyncio.to_thread(self._reauthenticate, refusal):
+                self.set_paused(f"{code}: {message}")
+                if retried:
+                    raise refusal
+                retried = True
+                if code == ADDRESS_MISMATCH:
+                    try:
+                        await self.access_token(force_refresh=True)
                         continue
+                    except LimenError as exc:
+                        log.info("refresh after an address challenge failed: %s", exc.code)
+                elif await asyncio.to_thread(self._adopt_newer_sign_in, token):
+                    continue
+                if self.reauthenticate is not None and await asyncio.to_thread(
+                    self._reauthenticate, refusal
+                ):
+                    continue
             raise refusal
 
     def _reauthenticate(self, refusal: FlowRefused) -> bool:

@@ -3,7 +3,8 @@ passed in) — so every allow and refusal path is a table-driven test.
 
 Order of checks (each refusal says which one failed): bearer token present → token valid
 (signature, issuer, audience, lifetime) → user known and enabled → token not older than the
-user's revocation time (continuous access evaluation) → the token's device, if any, is
+user's revocation time (continuous access evaluation) → with strict enforcement, the flow
+comes from the token's ``ipaddr`` → the token's device, if any, is
 enabled → a segment publishes the destination → its application is enabled → the user is
 assigned to it → conditional-access policies (block → 403; a missing factor or a too-old
 sign-in → 401 step-up challenge, RFC 9470).
@@ -12,6 +13,7 @@ sign-in → 401 step-up challenge, RFC 9470).
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 from dataclasses import dataclass
 
@@ -42,15 +44,37 @@ class Decision:
         return self.action == "allow"
 
 
-def claims_challenge(revoked_at: float) -> str:
+def claims_challenge(
+    revoked_at: float, description: str = "access was revoked; sign in again"
+) -> str:
     """Entra's CAE claims challenge: the client must bring a token issued after
     ``revoked_at`` (``nbf``)."""
     claims = {"access_token": {"nbf": {"essential": True, "value": str(int(revoked_at))}}}
     encoded = base64.b64encode(json.dumps(claims, separators=(",", ":")).encode()).decode()
     return (
         'Bearer realm="limen", error="insufficient_claims", '
-        f'error_description="access was revoked; sign in again", claims="{encoded}"'
+        f'error_description="{_quote(description)}", claims="{encoded}"'
     )
+
+
+#: The refusal code of a flow whose source differs from its token's ``ipaddr`` (strict
+#: enforcement). The client answers it by refreshing: its new token carries its new address.
+ADDRESS_MISMATCH = "address_mismatch"
+ADDRESS_MISMATCH_REASON = "token used from another address"
+
+
+def same_address(a: str, b: str) -> bool:
+    """Whether two textual IP addresses are the same host (an IPv4-mapped IPv6 address
+    equals its IPv4 form). Unparseable or empty addresses never match: fail closed."""
+    try:
+        x, y = ipaddress.ip_address(a), ipaddress.ip_address(b)
+    except ValueError:
+        return False
+    if isinstance(x, ipaddress.IPv6Address) and x.ipv4_mapped is not None:
+        x = x.ipv4_mapped
+    if isinstance(y, ipaddress.IPv6Address) and y.ipv4_mapped is not None:
+        y = y.ipv4_mapped
+    return x == y
 
 
 def _challenge(code: str, reason: str, header: str, claims: AccessClaims | None = None) -> Decision:
@@ -82,7 +106,10 @@ def admit(
     verifier: TokenVerifier,
     now: float,
     source_ip: str = "",
+    strict_ip: bool = False,
 ) -> Decision:
+    """The decision for one flow. ``strict_ip`` (strict enforcement) refuses a token whose
+    ``ipaddr`` is not ``source_ip``."""
     token = request.bearer_token
     if token is None:
         return _challenge(
@@ -115,6 +142,15 @@ def admit(
             "session_revoked",
             f"access of {user.username} was revoked; a new sign-in is required",
             claims_challenge(user.revoked_before),
+            claims,
+        )
+    if strict_ip and not same_address(claims.ipaddr, source_ip):
+        # Checked before policy: a replayed token must not even learn which apps exist.
+        return _challenge(
+            ADDRESS_MISMATCH,
+            f"{ADDRESS_MISMATCH_REASON} (signed in from {claims.ipaddr or 'unknown'}, "
+            f"flow from {source_ip or 'unknown'})",
+            claims_challenge(now, ADDRESS_MISMATCH_REASON),
             claims,
         )
     device = snapshot.devices.get(claims.device_id) if claims.device_id else None

@@ -27,6 +27,7 @@ from limen.bus.inprocess import CONFIG_CHANGED, SUBJECT_REVOKED, BusEvent
 from limen.edge.admission import Decision, admit
 from limen.edge.connectors import ConnectorLink, ConnectorMonitor, ConnectorRegistry
 from limen.edge.health import STALE_DAYS_DEFAULT
+from limen.edge.revocations import RevocationOverlay
 from limen.edge.snapshot import Snapshot, load_snapshot
 from limen.errors import AuthError, ConfigError, RemoteProtocolError
 from limen.identity.tokens import EDGE_AUDIENCE, TokenVerifier
@@ -180,6 +181,8 @@ class Edge:
         )
         self.flows: dict[str, LiveFlow] = {}
         self.flows_by_user: dict[str, set[str]] = {}
+        #: Revocations heard on the bus, refused at once (before the snapshot shows them).
+        self.revocations = RevocationOverlay()
         self.traffic = TrafficLogWriter(
             ctx.store,
             batch=self.settings.traffic_log_batch,
@@ -249,7 +252,9 @@ class Edge:
                     await self.server.wait_closed()
 
     async def reload(self) -> None:
+        began = self._loop.time()
         snapshot = await asyncio.to_thread(load_snapshot, self.ctx.store)
+        self.revocations.apply(snapshot, began)
         previous, self.snapshot = self.snapshot, snapshot
         self._cut_revoked(previous, snapshot)
         self.verifier.replace_keys(snapshot.keys)
@@ -305,6 +310,12 @@ class Edge:
     def _enforce(self, user_id: str, payload: dict[str, Any]) -> None:
         """Cut a user's live flows for a signal, then report how many and when (the signal
         audit's "flows cut" and "time to cut")."""
+        if not payload.get("device_id"):
+            # New flows with tokens from before the revocation are refused from now on,
+            # not from the next snapshot reload (edge/revocations.py).
+            at = payload.get("at")
+            when = float(at) if isinstance(at, int | float) and at > 0 else time.time()
+            self.revocations.record(self.snapshot, user_id, when, self._loop.time())
         cut = self._revoke_user(user_id)
         self.ctx.bus.publish(
             SIGNAL_ENFORCED,
@@ -447,6 +458,7 @@ class Edge:
             verifier=self.verifier,
             now=started,
             source_ip=source[0],
+            strict_ip=self.settings.cae_strict_ip,
         )
         record = self._record(flow_id, conn_id, started, request, source, decision)
         if not decision.allowed:

@@ -295,11 +295,16 @@ class AccessTokenIssuer:
             self._key_loaded_at = now
         return self._key
 
+    def cae_capable(self, capabilities: Iterable[str]) -> bool:
+        """Whether a client with ``capabilities`` gets CAE tokens: it declared ``cp1`` and
+        the tenant has not turned CAE off (``cae_enabled``)."""
+        return self.settings.cae_enabled and CAE_CAPABILITY in capabilities
+
     def lifetime(self, capabilities: Iterable[str]) -> int:
         """Seconds a new token lives: long for CAE-capable clients, whose tokens are revoked
         by events; otherwise random in the configured range, so that a fleet's tokens do not
         all expire (and refresh) at once."""
-        if CAE_CAPABILITY in capabilities:
+        if self.cae_capable(capabilities):
             return self.settings.cae_token_ttl
         low = self.settings.access_token_min_ttl
         high = max(low, self.settings.access_token_max_ttl)
@@ -343,7 +348,7 @@ class AccessTokenIssuer:
             claims["device_id"] = device
         if scope:
             claims["scope"] = scope
-        if CAE_CAPABILITY in capabilities:
+        if self.cae_capable(capabilities):
             claims["xms_cc"] = [CAE_CAPABILITY]
         header = {"alg": ALGORITHM, "typ": TOKEN_TYPE, "kid": kid}
         signing_input = (
