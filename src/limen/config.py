@@ -78,6 +78,15 @@ class Settings:
     connector_dial_timeout: float = 10.0
     #: How often the edge re-reads configuration changes from the store (seconds).
     config_poll_seconds: float = 1.0
+    #: Event bus for revocations and configuration changes: ``inprocess`` (one process),
+    #: ``postgres`` (every process sharing the PostgreSQL database), or ``auto``: ``postgres``
+    #: when ``database_url`` is PostgreSQL, else ``inprocess``.
+    bus: str = "auto"
+    #: How long the PostgreSQL bus keeps events for a node that was away (seconds).
+    bus_retention_seconds: float = 3600.0
+    #: This node's name in traffic records, enforcement reports and the bus's replay
+    #: position; unique per node of a deployment. Empty means the host name.
+    node_name: str = ""
     #: Create a demo tenant (user, app, connector) on first start (``limen up``).
     demo: bool = False
 

@@ -104,6 +104,17 @@ class Service:
             # Shared Signals poll delivery (RFC 8936) runs beside the API that manages it.
             self._signals = SignalReceiver(self.ctx)
             await self._signals.start()
+        await self._start_bus()
+
+    async def _start_bus(self) -> None:
+        # Last, once every subscriber (edge, signal recorder, SSF receiver) is registered: the
+        # distributed bus replays what this node missed while it was down.
+        from limen.bus.postgres import PostgresBus
+
+        assert self.ctx is not None
+        if isinstance(self.ctx.bus, PostgresBus):
+            role = "edge" if self.run_edge else "api"
+            await asyncio.to_thread(self.ctx.bus.start, f"{self.ctx.node_name}/{role}")
 
     async def stop(self) -> None:
         if self._signals is not None:
@@ -117,6 +128,10 @@ class Service:
                     async with asyncio.timeout(5):
                         await self._api_task
         if self.ctx is not None:
+            close_bus = getattr(self.ctx.bus, "close", None)
+            if close_bus is not None:
+                # Writes what the parts published while stopping; saves the replay position.
+                await asyncio.to_thread(close_bus)
             self.ctx.store.dispose()
 
     @property

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from limen.bus import create_bus
 from limen.bus.inprocess import CONFIG_CHANGED, EventBus
 from limen.config import Settings
 from limen.ids import new_id
@@ -24,8 +26,9 @@ class ServiceContext:
     node_name: str = "edge-1"
 
     def config_changed(self, reason: str) -> None:
-        """Tell every edge in this process to recompile its snapshot now (others notice the
-        bumped config version within ``config_poll_seconds``)."""
+        """Tell every edge to recompile its snapshot now: in this process, and with a
+        distributed bus on every node (otherwise others notice the bumped config version
+        within ``config_poll_seconds``)."""
         self.bus.publish(CONFIG_CHANGED, reason=reason)
 
     def audit(
@@ -51,4 +54,10 @@ def open_context(settings: Settings, *, migrate: bool = True) -> ServiceContext:
     if migrate:
         store.migrate()
     pki = Pki.load_or_create(store, settings)
-    return ServiceContext(settings=settings, store=store, pki=pki)
+    return ServiceContext(
+        settings=settings,
+        store=store,
+        pki=pki,
+        bus=create_bus(settings, store),
+        node_name=settings.node_name or socket.gethostname(),
+    )
