@@ -13,6 +13,7 @@ from limen.admin.api import build_router as admin_router
 from limen.admin.api import install_error_handlers
 from limen.identity.api import build_router as identity_router
 from limen.metrics import REGISTRY
+from limen.policy.sign_in import SignInPolicy
 from limen.service import ServiceContext
 from limen.signals.actions import EnforcementRecorder
 from limen.signals.receiver import build_push_router
@@ -25,7 +26,8 @@ def create_app(ctx: ServiceContext) -> FastAPI:
         description="Zero Trust private access: identity, admin API, metrics.",
     )
     install_error_handlers(app)
-    app.include_router(identity_router(ctx))
+    # Sign-in policies (target sign_in) judge every token request before a token is issued.
+    app.include_router(identity_router(ctx, sign_in_check=SignInPolicy(ctx.store, audit=ctx.audit)))
     app.include_router(admin_router(ctx))
     # Shared Signals push (RFC 8935), and the audit of signals and of what the edges cut.
     app.include_router(build_push_router(ctx))
