@@ -17,6 +17,7 @@ from typing import Any
 from limen import __version__
 from limen.client import auth
 from limen.client.profile import ClientState, StateFile
+from limen.client.udp import udp_associate
 from limen.errors import LimenError, RemoteProtocolError
 from limen.ids import new_id
 from limen.net.endpoints import Buffer, TransportEndpoint
@@ -25,7 +26,12 @@ from limen.net.relay import Relay
 from limen.net.tasks import spawn
 from limen.net.tls import ALPN_MUX, client_context
 from limen.wire import connect as wire
-from limen.wire.socks5 import ConnectRequested, ReplyCode, Socks5Server
+from limen.wire.socks5 import (
+    ConnectRequested,
+    ReplyCode,
+    Socks5Server,
+    UdpAssociateRequested,
+)
 
 log = logging.getLogger(__name__)
 
@@ -445,7 +451,13 @@ class _SocksHandshake:
                     name=f"socks to {event.host}:{event.port}",
                 )
                 return
-            # UDP ASSOCIATE arrives with UDP flows; refuse it clearly for now.
+            if isinstance(event, UdpAssociateRequested):  # the UDP relay (client/udp.py)
+                self.started = True
+                spawn(
+                    udp_associate(self.session, self.local, self.codec, event, self.on_refused),
+                    name=f"socks udp associate {event.host}:{event.port}",
+                )
+                return
             self.codec.reject(ReplyCode.COMMAND_NOT_SUPPORTED)
             self.local.write(self.codec.data_to_send())
             self.local.close()

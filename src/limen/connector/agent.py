@@ -22,6 +22,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from limen import __version__
+from limen.connector.dns import resolver_from_env, serve_dns
+from limen.connector.udp import serve_udp, udp_settings_from_env
 from limen.errors import AuthError, ConfigError, RemoteProtocolError
 from limen.net.endpoints import Buffer, TransportEndpoint
 from limen.net.mux import MuxConnection, MuxStream
@@ -318,6 +320,9 @@ class ConnectorAgent:
         self._stopping = False
         self._tasks: list[asyncio.Task[Any]] = []
         self.connected = asyncio.Event()
+        #: UDP flow limits and the private DNS resolver (from the environment; issue 3).
+        self.udp_settings = udp_settings_from_env()
+        self.dns = resolver_from_env()
 
     async def run(self) -> None:
         """Keep ``connections`` links up until cancelled."""
@@ -525,6 +530,12 @@ class ConnectorAgent:
         stream.close()
 
     async def serve_flow(self, stream: MuxStream, request: wire.FlowRequest) -> None:
+        if request.protocol == "udp":
+            await serve_udp(self, stream, request, self.udp_settings)
+            return
+        if request.protocol == "dns":
+            await serve_dns(self, stream, request, self.dns)
+            return
         if request.protocol != "tcp":
             stream.write(
                 wire.encode_refusal(

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from limen.bus.inprocess import CONFIG_CHANGED, SUBJECT_REVOKED, BusEvent
+from limen.edge import udp as edge_udp
 from limen.edge.admission import Decision, admit
 from limen.edge.connectors import ConnectorLink, ConnectorMonitor, ConnectorRegistry
 from limen.edge.health import STALE_DAYS_DEFAULT
@@ -467,6 +468,11 @@ class Edge:
             )
             return
         assert decision.app is not None and decision.claims is not None
+        if request.protocol == "udp" and edge_udp.too_many_udp_flows(endpoint):
+            self._refuse(
+                endpoint, 429, "too_many_udp_flows", "too many UDP flows", record, decision
+            )
+            return
         head = wire.encode_request(
             request.protocol,
             request.host,
@@ -483,6 +489,8 @@ class Edge:
         link, target = opened
         try:
             endpoint.write(wire.encode_response(200 if request.protocol == "tcp" else 101))
+            if request.protocol == "udp":  # counts datagrams, polices capsules (edge/udp.py)
+                endpoint = edge_udp.DatagramCounter(endpoint, record, trailing)
             await self._relay(endpoint, target, trailing, record, decision, link)
         finally:
             link.active_flows -= 1

@@ -34,6 +34,14 @@ MAX_HEAD_BYTES = 16 * 1024
 #: A refusal body is a short JSON object; cap what we will read of one.
 MAX_REFUSAL_BODY = 8 * 1024
 MASQUE_UDP_PREFIX = "/.well-known/masque/udp/"
+#: RFC 8484 §4.1's conventional path: a DNS query stream (protocol "dns", wire/doh.py).
+DNS_QUERY_PATH = "/dns-query"
+#: The private DNS suffixes a client's stub sends through Limen (protocol "dns-suffixes").
+DNS_SUFFIXES_PATH = "/.well-known/limen/dns-suffixes"
+#: A DNS message is at most 65,535 bytes (the TCP length prefix, RFC 1035 §4.2.2); the
+#: 12-byte header is the least a message can be.
+MAX_DNS_MESSAGE = 65_535
+MIN_DNS_MESSAGE = 12
 
 HEADER_FLOW_ID = "limen-flow-id"
 HEADER_DEVICE_ID = "limen-device-id"
@@ -63,7 +71,7 @@ REASONS = {
 class FlowRequest:
     """A parsed flow head."""
 
-    #: tcp | udp
+    #: tcp | udp | dns (a DNS query, body follows) | dns-suffixes (the suffix list)
     protocol: str
     host: str
     port: int
@@ -198,17 +206,36 @@ class FlowRequestReader:
         elif method == "GET" and headers.get("upgrade", "").lower() == "connect-udp":
             host, port = _parse_masque_path(target)
             request = FlowRequest("udp", host, port, headers)
+        elif method == "POST" and target == DNS_QUERY_PATH:
+            request = _dns_query_request(headers)
+        elif method == "GET" and target == DNS_SUFFIXES_PATH:
+            request = FlowRequest("dns-suffixes", "", 0, headers)
         else:
             raise RemoteProtocolError(
                 f"method {method} is not a flow; use CONNECT or connect-udp",
                 code="method_not_allowed",
             )
-        if "content-length" in headers or "transfer-encoding" in headers:
+        has_body = "content-length" in headers or "transfer-encoding" in headers
+        if has_body and request.protocol != "dns":
             raise RemoteProtocolError("a flow head has no body", code="bad_request")
         data_after, _closed = self._conn.trailing_data
         self.trailing = bytes(data_after)
         self.request = request
         return request
+
+
+def _dns_query_request(headers: dict[str, str]) -> FlowRequest:
+    """RFC 8484 §4.1 POST: one DNS message as a ``Content-Length`` body (no chunking: the
+    body is small and its length bounds what we buffer)."""
+    media = headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media != "application/dns-message":
+        raise RemoteProtocolError("a DNS query is application/dns-message", code="bad_request")
+    if "transfer-encoding" in headers:
+        raise RemoteProtocolError("a DNS query has a Content-Length body", code="bad_request")
+    length = headers.get("content-length", "")
+    if not length.isdigit() or not MIN_DNS_MESSAGE <= int(length) <= MAX_DNS_MESSAGE:
+        raise RemoteProtocolError(f"bad DNS query length {length!r}", code="bad_request")
+    return FlowRequest("dns", "", 0, headers)
 
 
 def _parse_masque_path(target: str) -> tuple[str, int]:
