@@ -17,7 +17,6 @@ from typing import Any
 from limen import __version__
 from limen.client import auth
 from limen.client.profile import ClientState, StateFile
-from limen.client.udp import udp_associate
 from limen.errors import LimenError, RemoteProtocolError
 from limen.ids import new_id
 from limen.net.endpoints import Buffer, TransportEndpoint
@@ -26,12 +25,7 @@ from limen.net.relay import Relay
 from limen.net.tasks import spawn
 from limen.net.tls import ALPN_MUX, client_context
 from limen.wire import connect as wire
-from limen.wire.socks5 import (
-    ConnectRequested,
-    ReplyCode,
-    Socks5Server,
-    UdpAssociateRequested,
-)
+from limen.wire.socks5 import ConnectRequested, ReplyCode, Socks5Server
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +266,9 @@ class EdgeSession:
         ``reauthenticate`` asks the user."""
         retried = False
         while True:
+            # The connection first: a new one may reveal a network change, which the token
+            # taken next must already reflect (strict enforcement).
+            conn = await self._connection()
             token = await self.access_token()
             headers = [
                 ("Proxy-Authorization", f"Bearer {token}"),
@@ -283,7 +280,6 @@ class EdgeSession:
             if process or self.process_name:
                 headers.append((wire.HEADER_PROCESS, (process or self.process_name)[:200]))
             head = wire.encode_request(protocol, host, port, headers)
-            conn = await self._connection()
             try:
                 stream, response = await open_flow(conn, head, protocol)
             except (ConnectionError, RemoteProtocolError, TimeoutError) as exc:
@@ -451,13 +447,7 @@ class _SocksHandshake:
                     name=f"socks to {event.host}:{event.port}",
                 )
                 return
-            if isinstance(event, UdpAssociateRequested):  # the UDP relay (client/udp.py)
-                self.started = True
-                spawn(
-                    udp_associate(self.session, self.local, self.codec, event, self.on_refused),
-                    name=f"socks udp associate {event.host}:{event.port}",
-                )
-                return
+            # UDP ASSOCIATE arrives with UDP flows; refuse it clearly for now.
             self.codec.reject(ReplyCode.COMMAND_NOT_SUPPORTED)
             self.local.write(self.codec.data_to_send())
             self.local.close()
