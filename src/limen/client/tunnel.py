@@ -17,6 +17,7 @@ from typing import Any
 from limen import __version__
 from limen.client import auth
 from limen.client.profile import ClientState, StateFile
+from limen.client.udp import udp_associate
 from limen.errors import LimenError, RemoteProtocolError
 from limen.ids import new_id
 from limen.net.endpoints import Buffer, TransportEndpoint
@@ -25,7 +26,12 @@ from limen.net.relay import Relay
 from limen.net.tasks import spawn
 from limen.net.tls import ALPN_MUX, client_context
 from limen.wire import connect as wire
-from limen.wire.socks5 import ConnectRequested, ReplyCode, Socks5Server
+from limen.wire.socks5 import (
+    ConnectRequested,
+    ReplyCode,
+    Socks5Server,
+    UdpAssociateRequested,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +122,14 @@ class EdgeSession:
         #: Shown in the pause file: what this process is (``forward 10.0.0.5:22``).
         self.purpose = ""
         self.reauthenticate = reauthenticate
+        #: Put the initiating process's name on each flow (costs a /proc walk per flow).
+        self.attribute_processes = False
         #: Why access is paused (the last challenge), for ``status``; "" when flowing.
         self.paused_reason = ""
         self.state_file = state_file
         self.max_connections = connections
         self.conns: list[MuxConnection] = []
         self._connecting: asyncio.Lock | None = None
-        #: Put the initiating process's name on each flow (costs a /proc walk per flow).
-        self.attribute_processes = False
         host, _, port = state.edge.removeprefix("https://").rstrip("/").rpartition(":")
         self.edge_host = host.strip("[]") or "localhost"
         self.edge_port = int(port or 443)
@@ -447,7 +453,13 @@ class _SocksHandshake:
                     name=f"socks to {event.host}:{event.port}",
                 )
                 return
-            # UDP ASSOCIATE arrives with UDP flows; refuse it clearly for now.
+            if isinstance(event, UdpAssociateRequested):  # the UDP relay (client/udp.py)
+                self.started = True
+                spawn(
+                    udp_associate(self.session, self.local, self.codec, event, self.on_refused),
+                    name=f"socks udp associate {event.host}:{event.port}",
+                )
+                return
             self.codec.reject(ReplyCode.COMMAND_NOT_SUPPORTED)
             self.local.write(self.codec.data_to_send())
             self.local.close()
