@@ -131,13 +131,22 @@ class DnsStub:
         """Fetch the suffixes, then listen on UDP and TCP ``host:port`` (0: a free port, the
         same for both). Returns the bound address."""
         await self.refresh_suffixes()
-        self.udp = await bind_udp(host, port)
-        bound = self.udp.local_address
+        # With port 0 the UDP port the kernel picks may be taken over TCP: try a few.
+        for attempt in range(20):
+            udp = await bind_udp(host, port)
+            bound = udp.local_address
+            try:
+                self.tcp = await asyncio.start_server(self._on_tcp, host, int(bound[1]))
+                break
+            except OSError:
+                udp.close()
+                if port or attempt == 19:
+                    raise
         if self.upstream is None:
             # Never forward to ourselves when resolv.conf names the stub's address.
             self.upstream = DnsResolver(exclude=[(str(bound[0]), int(bound[1]))])
-        self.udp.on_datagram = self._on_udp
-        self.tcp = await asyncio.start_server(self._on_tcp, host, int(bound[1]))
+        udp.on_datagram = self._on_udp
+        self.udp = udp
         self._refresher = spawn(self._refresh_loop(), name="dns stub suffix refresh")
         return bound
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from limen.bus.inprocess import CONFIG_CHANGED, SUBJECT_REVOKED, BusEvent
+from limen.edge import dns as edge_dns
 from limen.edge import udp as edge_udp
 from limen.edge.admission import Decision, admit
 from limen.edge.connectors import ConnectorLink, ConnectorMonitor, ConnectorRegistry
@@ -449,6 +450,9 @@ class Edge:
         source: tuple[str, int],
         conn_id: str,
     ) -> None:
+        if request.protocol in ("dns", "dns-suffixes"):  # private DNS (edge/dns.py)
+            await edge_dns.handle_dns(self, endpoint, request, trailing, source, conn_id)
+            return
         started = time.time()
         flow_id = request.headers.get(wire.HEADER_FLOW_ID, "")
         if not flow_id.startswith("flw_") or len(flow_id) > 40 or flow_id in self.flows:
