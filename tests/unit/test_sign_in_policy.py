@@ -156,9 +156,7 @@ def test_sign_in_frequency_unmet_is_re_authentication() -> None:
 
 
 def test_unmet_compliant_device_blocks_sign_in() -> None:
-    compiled = compile_sign_in(
-        [entry("pol_dev", grant={"require": ["compliant_device"]})], OFFICE
-    )
+    compiled = compile_sign_in([entry("pol_dev", grant={"require": ["compliant_device"]})], OFFICE)
     decision = compiled.policies.evaluate(context("192.0.2.7"))  # no device: not compliant
     error = refusal(decision, attempt())
     assert isinstance(error, PolicyDenied) and error.code == SIGN_IN_BLOCKED
