@@ -95,7 +95,8 @@ def encode_suffix_request(headers: list[tuple[str, str]] | None = None) -> bytes
 
 def encode_suffix_list(suffixes: list[str], ttl: int) -> bytes:
     """A ``200`` carrying the suffix list as JSON."""
-    body = json.dumps({"suffixes": sorted(set(suffixes)), "ttl": int(ttl)}).encode()
+    names = sorted({s.strip().rstrip(".").lower() for s in suffixes if s.strip()})
+    body = json.dumps({"suffixes": names, "ttl": int(ttl)}).encode()
     head = (
         f"HTTP/1.1 200 {REASONS[200]}\r\n"
         "Content-Type: application/json\r\n"
