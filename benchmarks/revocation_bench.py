@@ -14,8 +14,9 @@ stream end. Figures per run:
 - ``publish_ms``: from ``SUBJECT_REVOKED`` being published (the signal accepted and
   committed; a bus subscriber notes the instant) to the last victim stream closed;
 - ``call_ms``: from the API call being made to the last victim stream closed;
-- ``bulk_before`` / ``bulk_during``: the other user's bulk throughput (MB/s) in the second
-  before the call, and from the call to the last close.
+- ``bulk_before`` / ``bulk_during``: the other user's bulk throughput (MB/s echoed back; it
+  offers ``--bulk-mbps``, default 20) in the second before the call, and from the call to
+  the last close.
 
 p50/p99 over the runs are printed and written as JSON (``--json``, default
 ``benchmarks/results/revocation.json``).
@@ -50,9 +51,11 @@ from tests.support import Tenant, running_tenant
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "revocation.json"
 #: Flows opened at once while setting up (more only queues at the connector's dials).
-OPEN_CONCURRENCY = 200
+OPEN_CONCURRENCY = 64
 #: Bulk-flow chunk: small enough to interleave with the cut, large enough to stream.
 CHUNK = bytes(64 * 1024)
+#: The bulk flow writes what it owes every this many seconds.
+BULK_TICK = 0.005
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +65,8 @@ class Params:
     other_users: int = 10
     runs: int = 20
     connections: int = 4
+    #: The other user's bulk flow's offered rate (bytes/s).
+    bulk_rate: float = 20e6
 
 
 DEFAULTS = Params()
@@ -157,19 +162,35 @@ class FlowSet:
 
 
 class Bulk:
-    """One flow streaming as fast as the path allows (written and echoed back); counts the
-    echoed bytes."""
+    """One flow streaming at an offered rate (written and echoed back); counts the echoed
+    bytes. Offered, not unbounded: a flow that saturates both event loops of a two-core
+    machine measures the machine, and starves the edge's connector keep-alives (1.5 s)."""
 
-    def __init__(self, stream: MuxStream) -> None:
+    def __init__(self, stream: MuxStream, rate: float) -> None:
         self.stream = stream
         self.received = 0
         self.stopped = False
+        self.per_tick = max(1, int(rate * BULK_TICK))
+        self.owed = 0
+        self._loop = asyncio.get_running_loop()
         stream.attach(self)
+        self._tick()
+
+    def _tick(self) -> None:
+        if self.stopped:
+            return
+        # Bytes owed accumulate while the stream is full (bounded to one second's worth).
+        self.owed = min(self.owed + self.per_tick, int(self.per_tick / BULK_TICK))
         self._pump()
+        self._loop.call_later(BULK_TICK, self._tick)
 
     def _pump(self) -> None:
-        while not self.stopped and not self.stream.full and not self.stream.closed:
-            self.stream.write(CHUNK)
+        while (
+            self.owed > 0 and not self.stopped and not self.stream.full and not self.stream.closed
+        ):
+            n = min(self.owed, len(CHUNK))
+            self.stream.write(CHUNK[:n])
+            self.owed -= n
 
     def on_data(self, data: Any) -> None:
         self.received += len(data)
@@ -289,7 +310,7 @@ async def run(
             sessions.append(session)
             await others.add(session, echo_port, per_user)
         bulk_stream, _ = await sessions[0].open("tcp", "127.0.0.1", echo_port)
-        bulk = Bulk(bulk_stream)
+        bulk = Bulk(bulk_stream, params.bulk_rate)
         report.setup_seconds = time.perf_counter() - started
         if progress:
             progress(f"setup: {others.open} flows of {params.other_users} other users, "
@@ -342,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--other-users", type=int, default=DEFAULTS.other_users)
     parser.add_argument("--runs", type=int, default=DEFAULTS.runs)
     parser.add_argument("--connections", type=int, default=DEFAULTS.connections)
+    parser.add_argument("--bulk-mbps", type=float, default=DEFAULTS.bulk_rate / 1e6)
     parser.add_argument(
         "--json", type=Path, default=REPO_ROOT / "benchmarks/results/revocation.json"
     )
@@ -352,6 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         other_users=max(1, args.other_users),
         runs=args.runs,
         connections=args.connections,
+        bulk_rate=args.bulk_mbps * 1e6,
     )
     logging.basicConfig(level=logging.WARNING)
     # Writes to sockets the cut (or the teardown) reset are expected here, by the thousand.
