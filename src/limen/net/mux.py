@@ -24,11 +24,13 @@ from limen.wire.connect import FlowResponse, FlowResponseReader
 
 log = logging.getLogger(__name__)
 
-#: How often an idle connection is pinged, and how long a ping may go unanswered before the
-#: connection is declared dead. Short enough that a dead connector is noticed within the
-#: failover bound, long enough not to matter on a slow link.
-KEEPALIVE_INTERVAL = 0.5
-KEEPALIVE_TIMEOUT = 1.5
+#: How often an idle connection is pinged, and how long the peer may show no sign of life
+#: before the connection is declared dead and closed. Taking a connector out of rotation
+#: does not wait for this (the edge's health checks do it within the failover bound); this
+#: only ends links that are really gone, so it allows a loaded peer or a congested link a
+#: few seconds — a tighter value cut healthy links during bulk transfers on a busy machine.
+KEEPALIVE_INTERVAL = 1.0
+KEEPALIVE_TIMEOUT = 5.0
 
 
 class MuxStream:
