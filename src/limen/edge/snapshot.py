@@ -84,6 +84,8 @@ class Snapshot:
     devices: dict[str, DeviceState] = field(default_factory=dict)
     policies: PolicySet = field(default_factory=lambda: PolicySet.compile([]))
     locations: LocationIndex = field(default_factory=lambda: LocationIndex(()))
+    #: source address → matched location ids (filled lazily by admission; per snapshot)
+    location_cache: dict[str, frozenset[str]] = field(default_factory=dict, compare=False)
 
 
 def expand_groups(members: list[tuple[str, str]]) -> dict[str, frozenset[str]]:

@@ -59,8 +59,9 @@ TOKEN_TYPE = "at+jwt"
 #: A token larger than this is refused before any parsing. Ours are ~1 KiB; 8 KiB leaves room
 #: for many groups while bounding the work an attacker can make us do per flow.
 MAX_TOKEN_BYTES = 8 * 1024
-#: Verified tokens remembered by a verifier. Each entry is about a token's size, so ~4 MiB.
-CACHE_SIZE = 4096
+#: Verified tokens remembered by a verifier (one per signed-in client, typically). Each
+#: entry is about a token's size, so ~16 MiB at most.
+CACHE_SIZE = 16_384
 #: How long an issuer keeps its signing key before re-reading the table (key rotation).
 _KEY_RELOAD_SECONDS = 60.0
 #: P-256 coordinates and ES256 signature halves are 32 bytes (RFC 7518 §3.4, §6.2.1.2).
