@@ -164,6 +164,8 @@ async def test_non_compliant_device_blocked_from_finance_not_wiki(
     assert record.action == "block" and record.policy_ids == [policy["id"]]
     assert record.device_id == device_id
 
+    device = await tenant.call("GET", f"/api/v1/devices/{device_id}")
+    assert device["os"] == "linux" and device["hostname"]  # the client said what it is
     await tenant.call("POST", f"/api/v1/devices/{device_id}/compliance", {"compliant": True})
     await tenant.wait_config()
     assert await echo_roundtrip(session, finance.port) == b"ping"

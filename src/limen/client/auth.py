@@ -9,7 +9,8 @@ from typing import Any
 
 import httpx
 
-from limen.client.profile import ClientState
+from limen import __version__
+from limen.client.profile import ClientState, device_facts
 from limen.errors import AuthError, ConfigError
 
 CLIENT_ID = "limen-client"
@@ -60,7 +61,14 @@ def _common(state: ClientState) -> dict[str, str]:
     if state.capabilities:
         form["client_capabilities"] = ",".join(state.capabilities)
     if state.device_id:
+        # The device registers itself with what it is (RFC-less but Entra-like): policies on
+        # device platform need the OS, the admin console shows the rest.
+        facts = device_facts()
         form["device_id"] = state.device_id
+        form["device_hostname"] = facts["hostname"][:255]
+        form["device_os"] = facts["os"][:64]
+        form["device_os_version"] = facts["os_version"][:64]
+        form["client_version"] = f"limen/{__version__}"
     return form
 
 
