@@ -4,17 +4,14 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import typer
-import uvicorn
 from fastapi import FastAPI
 from sqlalchemy import select
 from typer.testing import CliRunner, Result
@@ -29,6 +26,7 @@ from limen.cli.policy import location_app, policy_app
 from limen.config import load_settings
 from limen.service import ServiceContext, open_context
 from limen.store.models import AuditRecord, Device
+from tests.serving import serve
 
 API = "/api/v1"
 
@@ -50,26 +48,6 @@ def make_app(ctx: ServiceContext) -> FastAPI:
         add_policy_routes(router, ctx)
     app.include_router(router)
     return app
-
-
-@contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    """Run ``app`` with uvicorn on a loopback port in a thread; yields its base URL."""
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-    )
-    thread = threading.Thread(target=server.run, name="policy-api-test", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture
