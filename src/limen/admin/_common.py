@@ -232,4 +232,3 @@ def older_than(q: Select[TrafficRecord], at: float, flow_id: str) -> Select[Traf
             and_(TrafficRecord.started_at == at, TrafficRecord.flow_id < flow_id),
         )
     )
-

@@ -277,8 +277,10 @@ class Edge:
         for user_id in list(self.flows_by_user):
             before = previous.users.get(user_id)
             now = current.users.get(user_id)
-            if now is None or not now.enabled or (
-                before is not None and now.revoked_before > before.revoked_before
+            if (
+                now is None
+                or not now.enabled
+                or (before is not None and now.revoked_before > before.revoked_before)
             ):
                 self._revoke_user(user_id)
 
