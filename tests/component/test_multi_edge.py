@@ -17,12 +17,12 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from limen.admin.auth import create_admin_token
 from limen.bus import create_bus
 from limen.bus.inprocess import CONFIG_CHANGED, SUBJECT_REVOKED, BusEvent, EventBus
-from limen.bus.postgres import PostgresBus
+from limen.bus.postgres import LISTENER_APPLICATION_NAME, PostgresBus, is_remote
 from limen.client import auth
 from limen.client.profile import ClientState, new_device_id
 from limen.client.tunnel import EdgeSession, FlowRefused
@@ -83,7 +83,9 @@ async def test_events_reach_the_other_node_once_and_in_order(pg_store: Store) ->
         assert seen_b[3].payload["at"] == 1_700_000_003.123456  # floats round trip exactly
         b.publish(CONFIG_CHANGED, reason="test")
         await _until(lambda: len(seen_a) == 21, "node a to receive b's event")
-        assert seen_a[-1] == BusEvent(CONFIG_CHANGED, {"reason": "test"})
+        last = seen_a[-1]
+        assert (last.topic, last.payload) == (CONFIG_CHANGED, {"reason": "test"})
+        assert is_remote(last) and not is_remote(seen_a[0])
         assert await asyncio.to_thread(a.flush) and await asyncio.to_thread(b.flush)
         await asyncio.sleep(0.2)  # let any (wrong) echo arrive before counting
         assert len(seen_a) == 21 and len(seen_b) == 21  # no node got its own events back
@@ -140,6 +142,33 @@ async def test_a_node_replays_what_it_missed_from_its_saved_position(pg_store: S
     finally:
         await asyncio.to_thread(again.close)
         await asyncio.to_thread(publisher.close)
+
+
+async def test_events_published_while_the_listener_is_cut_off_arrive(pg_store: Store) -> None:
+    a, b = PostgresBus(pg_store), PostgresBus(pg_store)
+    seen: list[BusEvent] = []
+    b.subscribe(seen.append)
+    await asyncio.to_thread(b.start)
+    try:
+        # Kill b's listening connection (a network cut, a database restart), then publish
+        # while it reconnects.
+        with pg_store.engine.begin() as conn:
+            killed = conn.execute(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE application_name = :name AND datname = current_database()"
+                ),
+                {"name": LISTENER_APPLICATION_NAME},
+            ).scalar()
+        assert killed == 1
+        for i in range(5):
+            a.publish(SUBJECT_REVOKED, user_id=f"usr_{i}")
+        await _until(lambda: len(seen) == 5, "the events published during the cut", 10)
+        assert [e.payload["user_id"] for e in seen] == [f"usr_{i}" for i in range(5)]
+        await _until(lambda: b.listening, "b to listen again")
+    finally:
+        await asyncio.to_thread(a.close)
+        await asyncio.to_thread(b.close)
 
 
 async def test_old_events_are_pruned(pg_store: Store) -> None:

@@ -42,7 +42,7 @@ from sqlalchemy import func, insert, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import SQLAlchemyError
 
-from limen.bus.inprocess import EventBus
+from limen.bus.inprocess import BusEvent, EventBus
 from limen.errors import ConfigError
 from limen.store.db import Store
 from limen.store.models import BusEventRow, BusPosition
@@ -67,7 +67,25 @@ PRUNE_EVERY_SECONDS = 60.0
 WRITE_ATTEMPTS = 3
 #: pg_advisory_xact_lock key serialising publishers ("LIMEN" in ASCII, truncated to int64).
 _PUBLISH_LOCK_KEY = 0x4C494D454E
+#: ``application_name`` of the listener's connection (visible in pg_stat_activity).
+LISTENER_APPLICATION_NAME = "limen-bus-listener"
 _CHANNEL_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteBusEvent(BusEvent):
+    """An event another process published, as delivered by :class:`PostgresBus`: a handler
+    that must act once per deployment (not once per node) can skip these."""
+
+    #: ``bus_events.id``
+    event_id: int = 0
+    #: the publishing process (:attr:`PostgresBus.origin`)
+    origin: str = ""
+
+
+def is_remote(event: BusEvent) -> bool:
+    """True for an event another process published (delivered through the database)."""
+    return isinstance(event, RemoteBusEvent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +262,7 @@ class PostgresBus(EventBus):
     def _connect(self) -> psycopg.Connection[Any]:
         # The engine's own connect arguments: same host, credentials and options as the store.
         args, kwargs = self.store.engine.dialect.create_connect_args(self.store.engine.url)
+        kwargs.setdefault("application_name", LISTENER_APPLICATION_NAME)
         return psycopg.connect(*args, **kwargs, autocommit=True)
 
     def _listen_loop(self) -> None:
@@ -285,12 +304,25 @@ class PostgresBus(EventBus):
             for event_id, topic, payload, origin in rows:
                 if origin != self.origin:
                     self.delivered += 1
-                    EventBus.publish(self, str(topic), **_as_payload(payload))
+                    self._deliver(
+                        RemoteBusEvent(str(topic), _as_payload(payload), int(event_id), origin)
+                    )
                 self.last_id = int(event_id)
             if rows:
                 self._save_position()
             if len(rows) < FETCH_BATCH:
                 return
+
+    def _deliver(self, event: RemoteBusEvent) -> None:
+        # EventBus.publish builds a plain BusEvent; remote events keep their marker, so the
+        # fan-out is repeated here with the same contract (a failing handler is logged).
+        with self._lock:
+            handlers = list(self._handlers)
+        for handler in handlers:
+            try:
+                handler(event)
+            except Exception:
+                log.exception("bus handler failed for %s", event.topic)
 
     def _save_position(self) -> None:
         if self.position_key is None:
