@@ -171,6 +171,23 @@ async def test_events_published_while_the_listener_is_cut_off_arrive(pg_store: S
         await asyncio.to_thread(b.close)
 
 
+async def test_an_odd_payload_does_not_sink_its_batch(pg_store: Store) -> None:
+    a, b = PostgresBus(pg_store), PostgresBus(pg_store)
+    seen: list[BusEvent] = []
+    b.subscribe(seen.append)
+    await asyncio.to_thread(b.start)
+    try:
+        a.publish(CONFIG_CHANGED, reason="before")
+        a.publish("test.odd", members={"x"}, at=float("nan"))
+        a.publish(CONFIG_CHANGED, reason="after")
+        await _until(lambda: len(seen) == 3, "all three events")
+        assert seen[1].payload == {"members": "{'x'}", "at": "nan"}
+        assert [e.payload.get("reason") for e in seen] == ["before", None, "after"]
+    finally:
+        await asyncio.to_thread(a.close)
+        await asyncio.to_thread(b.close)
+
+
 async def test_old_events_are_pruned(pg_store: Store) -> None:
     bus = PostgresBus(pg_store, retention_seconds=60)
     bus.publish(CONFIG_CHANGED, reason="old")

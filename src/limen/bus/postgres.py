@@ -28,7 +28,9 @@ Rules this module keeps (design section 7):
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import queue
 import re
 import secrets
@@ -190,7 +192,12 @@ class PostgresBus(EventBus):
 
     def _write(self, events: list[_Outgoing]) -> None:
         rows = [
-            {"topic": e.topic, "payload": e.payload, "origin": self.origin, "created_at": e.at}
+            {
+                "topic": e.topic,
+                "payload": _jsonable(e.payload),
+                "origin": self.origin,
+                "created_at": e.at,
+            }
             for e in events
         ]
         for attempt in range(1, WRITE_ATTEMPTS + 1):
@@ -405,6 +412,26 @@ class PostgresBus(EventBus):
                 )
         except SQLAlchemyError as exc:
             log.debug("bus: could not wake the listener: %s", exc)
+
+
+def _jsonable(payload: dict[str, Any]) -> dict[str, Any]:
+    """The payload as PostgreSQL's ``json`` accepts it: anything JSON lacks (a set, a
+    datetime, NaN) becomes its ``str``, so one odd value cannot fail the writer's batch."""
+    try:
+        out: dict[str, Any] = json.loads(json.dumps(payload, allow_nan=False, default=str))
+    except ValueError:
+        out = {str(k): v if _plain(v) else str(v) for k, v in payload.items()}
+    return out
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _as_payload(raw: Any) -> dict[str, Any]:
