@@ -74,6 +74,9 @@ class Settings:
     traffic_log_queue: int = 50_000
     #: Connector certificate lifetime (seconds).
     connector_cert_ttl: int = 30 * 24 * 3600
+    #: Connectors not seen for this many days are removed (their certificates stay valid
+    #: until they expire, but the edge refuses an unknown connector).
+    connector_stale_days: float = 10.0
     #: How long the edge waits for a connector to answer a dial.
     connector_dial_timeout: float = 10.0
     #: How often the edge re-reads configuration changes from the store (seconds).

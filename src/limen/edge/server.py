@@ -20,15 +20,16 @@ import logging
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from limen.bus.inprocess import CONFIG_CHANGED, SUBJECT_REVOKED, BusEvent
 from limen.edge import dns as edge_dns
 from limen.edge import udp as edge_udp
 from limen.edge.admission import Decision, admit
+from limen.edge.client_control import ClientControlRegistry
 from limen.edge.connectors import ConnectorLink, ConnectorMonitor, ConnectorRegistry
-from limen.edge.health import STALE_DAYS_DEFAULT
 from limen.edge.revocations import RevocationOverlay
 from limen.edge.snapshot import Snapshot, load_snapshot
 from limen.errors import AuthError, ConfigError, RemoteProtocolError
@@ -65,6 +66,7 @@ from limen.wire.control import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: A flow head must arrive within this time, or the stream/connection is dropped (slowloris).
 HEAD_TIMEOUT = 10.0
@@ -179,7 +181,7 @@ class Edge:
         self.monitor = ConnectorMonitor(
             self.connectors,
             ctx.store,
-            stale_days=float(getattr(self.settings, "connector_stale_days", STALE_DAYS_DEFAULT)),
+            stale_days=self.settings.connector_stale_days,
         )
         self.flows: dict[str, LiveFlow] = {}
         self.flows_by_user: dict[str, set[str]] = {}
@@ -198,6 +200,9 @@ class Edge:
         self._unsubscribe: list[Any] = []
         self._loop = asyncio.get_running_loop()
         self._client_conns: set[MuxConnection] = set()
+        #: Clients' control streams by user: where claims challenges go on a revocation.
+        self.client_control = ClientControlRegistry()
+        self._inflight: set[asyncio.Future[Any]] = set()
 
     # lifecycle -------------------------------------------------------------------------------
 
@@ -248,14 +253,24 @@ class Edge:
                         await task
             else:
                 task.cancel()
+        if self._inflight:
+            await asyncio.wait(set(self._inflight), timeout=10)
         if self.server is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2):
                     await self.server.wait_closed()
 
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run store work in a worker thread that :meth:`stop` waits for: a cancelled
+        caller must not leave a thread using the store after it is disposed."""
+        future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        self._inflight.add(future)
+        future.add_done_callback(self._inflight.discard)
+        return await asyncio.shield(future)
+
     async def reload(self) -> None:
         began = self._loop.time()
-        snapshot = await asyncio.to_thread(load_snapshot, self.ctx.store)
+        snapshot = await self._in_thread(load_snapshot, self.ctx.store)
         self.revocations.apply(snapshot, began)
         previous, self.snapshot = self.snapshot, snapshot
         self._cut_revoked(previous, snapshot)
@@ -299,7 +314,7 @@ class Edge:
                     await self._reload.wait()
             except TimeoutError:
                 try:
-                    version = await asyncio.to_thread(self.ctx.store.config_version)
+                    version = await self._in_thread(self.ctx.store.config_version)
                 except Exception as exc:
                     log.error("config poll failed: %s", exc)
                     continue
@@ -340,6 +355,11 @@ class Edge:
                 flow.relay.abort(CloseReason.REVOKED)
         if flow_ids:
             log.info("revoked %d live flows of %s", len(flow_ids), user_id)
+        # Then tell the user's clients at once, with the challenge a new flow would get.
+        user = self.snapshot.users.get(user_id)
+        self.client_control.challenge(
+            user_id, (user.revoked_before if user is not None else 0.0) or time.time()
+        )
         self._reload.set()
         return len(flow_ids)
 
@@ -452,6 +472,9 @@ class Edge:
         source: tuple[str, int],
         conn_id: str,
     ) -> None:
+        if request.protocol == "control":  # a client's control stream (edge/client_control.py)
+            self.client_control.open(endpoint, request, trailing, self.verifier, source)
+            return
         if request.protocol in ("dns", "dns-suffixes"):  # private DNS (edge/dns.py)
             await edge_dns.handle_dns(self, endpoint, request, trailing, source, conn_id)
             return
