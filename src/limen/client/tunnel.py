@@ -4,6 +4,7 @@ per flow, and the local capture modes that feed them (port forward, SOCKS5)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -26,6 +27,7 @@ from limen.net.relay import Relay
 from limen.net.tasks import spawn
 from limen.net.tls import ALPN_MUX, client_context
 from limen.wire import connect as wire
+from limen.wire.control import ClaimsChallenge, ControlDecoder, parse_control
 from limen.wire.socks5 import (
     ConnectRequested,
     ReplyCode,
@@ -136,6 +138,10 @@ class EdgeSession:
         self._ssl = client_context(state.ca_pem or None, alpn=[ALPN_MUX])
         self._refresh_lock = threading.Lock()
         self.process_name = process_name
+        #: Claims challenges received on the control streams (the last few), for tests and
+        #: diagnostics; a reauthentication they started runs at most one at a time.
+        self.challenges: list[ClaimsChallenge] = []
+        self._reauthenticating = False
 
     async def _connection(self) -> MuxConnection:
         self.conns = [c for c in self.conns if c.is_open]
@@ -170,6 +176,7 @@ class EdgeSession:
             conn.start_keepalive(interval=15.0, timeout=45.0)
             self.conns.append(conn)
             self._note_local_address(transport.get_extra_info("sockname"))
+            spawn(self._open_control(conn), name="edge control stream")
             return conn
 
     def _note_local_address(self, sockname: Any) -> None:
@@ -338,6 +345,120 @@ class EdgeSession:
         for conn in self.conns:
             conn.close()
         self.conns = []
+
+    # the control stream ------------------------------------------------------------------
+
+    async def _open_control(self, conn: MuxConnection) -> None:
+        """Open this connection's control stream, where the edge sends claims challenges
+        the moment it revokes access (instead of the next flow learning it)."""
+        try:
+            token = await self.access_token()
+            head = wire.encode_request(
+                "control", self.edge_host, self.edge_port, [("Authorization", f"Bearer {token}")]
+            )
+            stream, response = await open_flow(conn, head, "control")
+        except (LimenError, ConnectionError, TimeoutError) as exc:
+            log.info("no control stream on this edge connection: %s", exc)
+            return
+        if not response.ok:
+            code, message = response.error()
+            log.warning("the edge refused the control stream: %s (%s)", message, code)
+            return
+        stream.attach(_ControlReceiver(self, stream))
+
+    def on_claims_challenge(self, challenge: ClaimsChallenge) -> None:
+        """The edge revoked access: record why (``status`` shows it) and sign in again now
+        (a prompt when interactive; a report otherwise), in a worker thread."""
+        repeated = bool(self.challenges) and self.challenges[-1] == challenge
+        self.challenges = [*self.challenges[-9:], challenge]
+        nbf = challenge_nbf(challenge.www_authenticate)
+        # nbf is in whole seconds: only a token from a later second is surely newer.
+        if nbf is not None and int(token_issued_at(self.state.access_token)) > nbf:
+            return  # our token is already newer than the revocation (a repeated challenge)
+        if repeated and self.paused_reason:
+            return  # one edge connection per challenge is enough to ask the user once
+        reason = challenge.reason or "access was revoked"
+        self.set_paused(f"session_revoked: {reason}")
+        log.warning("the edge revoked access: %s", reason)
+        if self._reauthenticating:
+            return
+        self._reauthenticating = True
+        spawn(self._answer_challenge(challenge), name="answer claims challenge")
+
+    async def _answer_challenge(self, challenge: ClaimsChallenge) -> None:
+        refusal = FlowRefused(
+            401, "session_revoked", challenge.reason or "access was revoked",
+            challenge.www_authenticate,
+        )  # fmt: skip
+        try:
+            token = self.state.access_token
+            if await asyncio.to_thread(self._adopt_newer_sign_in, token) or (
+                self.reauthenticate is not None
+                and await asyncio.to_thread(self._reauthenticate, refusal)
+            ):
+                self.set_paused("")
+        except LimenError as exc:
+            log.warning("signing in again failed: %s (%s)", exc.message, exc.code)
+        finally:
+            self._reauthenticating = False
+
+
+def challenge_nbf(www_authenticate: str) -> int | None:
+    """The ``nbf`` an ``insufficient_claims`` challenge asks for (Unix seconds), or None."""
+    _, found, rest = www_authenticate.partition('claims="')
+    if not found:
+        return None
+    try:
+        claims = json.loads(base64.b64decode(rest.partition('"')[0], validate=True))
+        return int(claims["access_token"]["nbf"]["value"])
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def token_issued_at(token: str) -> float:
+    """The ``iat`` of our own access token (read, not verified: only to compare it with a
+    challenge's ``nbf``); 0 when unreadable."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return float(claims.get("iat", 0))
+    except (IndexError, ValueError, TypeError, AttributeError):
+        return 0.0
+
+
+class _ControlReceiver:
+    """The client's end of a control stream: claims challenges. Bad framing from the edge
+    closes this stream only."""
+
+    def __init__(self, session: EdgeSession, stream: MuxStream) -> None:
+        self.session = session
+        self.stream = stream
+        self.decoder = ControlDecoder()
+
+    def on_data(self, data: Buffer) -> None:
+        try:
+            messages = self.decoder.feed(bytes(data))
+        except RemoteProtocolError as exc:
+            log.warning("bad control frame from the edge (%s): closing the stream", exc.code)
+            self.stream.abort()
+            return
+        for raw in messages:
+            try:
+                message = parse_control(raw)
+            except RemoteProtocolError as exc:
+                log.info("bad %s control message from the edge: %s", raw.get("type"), exc)
+                continue
+            if isinstance(message, ClaimsChallenge):
+                self.session.on_claims_challenge(message)
+
+    def on_eof(self) -> None:
+        self.stream.close()
+
+    def on_closed(self, error: BaseException | None) -> None:
+        pass
+
+    def on_drained(self) -> None:
+        pass
 
 
 def load_session(state_file: StateFile, **kw: Any) -> EdgeSession:

@@ -38,6 +38,11 @@ MASQUE_UDP_PREFIX = "/.well-known/masque/udp/"
 DNS_QUERY_PATH = "/dns-query"
 #: The private DNS suffixes a client's stub sends through Limen (protocol "dns-suffixes").
 DNS_SUFFIXES_PATH = "/.well-known/limen/dns-suffixes"
+#: The client's control stream on its edge connection (protocol "control"): ``GET`` this path
+#: with ``Upgrade: limen-control`` and the bearer token, answered ``101``, then control frames
+#: (wire/control.py).
+CONTROL_PATH = "/.well-known/limen/control"
+CONTROL_UPGRADE = "limen-control"
 #: A DNS message is at most 65,535 bytes (the TCP length prefix, RFC 1035 §4.2.2); the
 #: 12-byte header is the least a message can be.
 MAX_DNS_MESSAGE = 65_535
@@ -210,6 +215,12 @@ class FlowRequestReader:
             request = _dns_query_request(headers)
         elif method == "GET" and target == DNS_SUFFIXES_PATH:
             request = FlowRequest("dns-suffixes", "", 0, headers)
+        elif method == "GET" and target == CONTROL_PATH:
+            if headers.get("upgrade", "").lower() != CONTROL_UPGRADE:
+                raise RemoteProtocolError(
+                    f"a control stream upgrades to {CONTROL_UPGRADE}", code="bad_request"
+                )
+            request = FlowRequest("control", "", 0, headers)
         else:
             raise RemoteProtocolError(
                 f"method {method} is not a flow; use CONNECT or connect-udp",
@@ -280,6 +291,13 @@ def encode_request(
             "Upgrade: connect-udp\r\n",
             "Capsule-Protocol: ?1\r\n",
         ]
+    elif protocol == "control":
+        lines = [
+            f"GET {CONTROL_PATH} HTTP/1.1\r\n",
+            _head_line("Host", authority),
+            "Connection: Upgrade\r\n",
+            f"Upgrade: {CONTROL_UPGRADE}\r\n",
+        ]
     else:
         raise LocalProtocolError(f"unknown flow protocol {protocol!r}")
     for name, value in headers or ():
@@ -292,9 +310,15 @@ def encode_response(
     status: int,
     headers: list[tuple[str, str]] | None = None,
     body: bytes = b"",
+    *,
+    upgrade: str = "connect-udp",
 ) -> bytes:
+    """A response head (``upgrade`` names what a 101 switches to: connect-udp or
+    limen-control)."""
     lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}\r\n"]
-    if status == 101:
+    if status == 101 and upgrade == CONTROL_UPGRADE:
+        lines += ["Connection: Upgrade\r\n", f"Upgrade: {CONTROL_UPGRADE}\r\n"]
+    elif status == 101:
         lines += ["Connection: Upgrade\r\n", "Upgrade: connect-udp\r\n", "Capsule-Protocol: ?1\r\n"]
     for name, value in headers or ():
         lines.append(_head_line(name, value))
@@ -323,6 +347,12 @@ class FlowResponseReader:
                 method="GET",
                 target="/.well-known/masque/udp/x/1/",
                 headers=[("Host", "x"), ("Connection", "Upgrade"), ("Upgrade", "connect-udp")],
+            )
+        elif protocol == "control":
+            req = h11.Request(
+                method="GET",
+                target=CONTROL_PATH,
+                headers=[("Host", "x"), ("Connection", "Upgrade"), ("Upgrade", CONTROL_UPGRADE)],
             )
         else:
             req = h11.Request(method="CONNECT", target="x:1", headers=[("Host", "x:1")])
