@@ -13,6 +13,12 @@ on a local control socket.
 * **Edge health.** A probe every ``health_interval`` (re)opens the edge connections; a flow
   that finds the edge unreachable marks it down at once. Down switches the rules to hardening
   (``block`` → reject, ``pass`` → direct); up switches them back.
+* **Private names.** With capture on, a DNS stub (:class:`~limen.client.dns.DnsStub`) on
+  :data:`STUB_ADDRESS` becomes the system resolver (:mod:`limen.client.resolvconf`). Names of
+  tunnel name rules get synthetic addresses (:class:`~limen.client.forwarding.SyntheticMap`);
+  the packet filter redirects the synthetic range to the listener, which maps the address
+  back to the name, so the connector resolves the real name on the private side. Other
+  private names go to the edge, public ones to the servers the original resolv.conf named.
 * **Cleanup.** The table is deleted on every exit path the process sees (return, SIGTERM,
   SIGINT, an error), a stale table left by a killed daemon is deleted at the next start, and
   ``limen client down`` deletes it even when no daemon runs.
@@ -37,11 +43,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import dns.message
 import httpx
 
 from limen.client import auth
-from limen.client.forwarding import ForwardingProfile, parse_profile
+from limen.client.dns import DnsStub, synthetic_answer
+from limen.client.forwarding import (
+    DEFAULT_SYNTHETIC_RANGE,
+    Action,
+    ForwardingProfile,
+    SyntheticMap,
+    parse_profile,
+)
 from limen.client.profile import StateFile
+from limen.client.resolvconf import (
+    RESOLV_CONF,
+    ResolvConf,
+    ResolvedLink,
+    nameservers,
+    uses_resolved,
+)
 from limen.client.transparent import (
     CaptureState,
     NftTable,
@@ -50,6 +71,7 @@ from limen.client.transparent import (
 )
 from limen.client.tunnel import EdgeSession, FlowRefused
 from limen.errors import AuthError, ConfigError, LimenError, RemoteProtocolError
+from limen.net.resolver import DnsResolver, Upstream
 from limen.net.tasks import spawn
 
 log = logging.getLogger(__name__)
@@ -61,6 +83,9 @@ MAX_CONTROL_LINE = 64 * 1024
 PROBE_PING = 0x4C4D4E3F
 #: Recent log lines kept for ``collect-logs``.
 LOG_LINES = 500
+#: Where the DNS stub listens under ``limen client up``: on loopback, but not 127.0.0.53 or
+#: 127.0.0.54 (systemd-resolved's own stubs), so both can run side by side.
+STUB_ADDRESS = "127.0.53.1"
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"',]+")
 
@@ -148,6 +173,10 @@ class ClientDaemon:
         poll_interval: float = 2.0,
         health_interval: float = 2.0,
         nft: NftTable | None = None,
+        private_dns: bool = True,
+        dns_address: str = STUB_ADDRESS,
+        synthetic_range: str = DEFAULT_SYNTHETIC_RANGE,
+        resolv_conf: Path = RESOLV_CONF,
     ) -> None:
         self.state_file = state_file
         self.client_dir = state_file.directory
@@ -178,6 +207,13 @@ class ClientDaemon:
         self._http: httpx.Client | None = None
         self._control: asyncio.Server | None = None
         self._ready = asyncio.Event()
+        self.dns_enabled = private_dns and capture
+        self.dns_address = dns_address
+        self.synthetic = SyntheticMap(synthetic_range)
+        self.stub: DnsStub | None = None
+        self.resolv = ResolvConf(self.client_dir, resolv_conf)
+        self.resolved: ResolvedLink | None = None
+        self.dns_mode = "off"
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -211,8 +247,11 @@ class ClientDaemon:
                 edge_up=lambda: self.edge_up,
                 paused=lambda: self.paused,
                 on_edge_unreachable=self._edge_unreachable,
+                synthetic=self.synthetic if self.dns_enabled else None,
             )
             await self.listener.start(self.listen_port)
+        if self.dns_enabled:
+            await self._start_dns()
         await self._probe_edge()
         await self._apply()
         await self._serve_control()
@@ -247,9 +286,10 @@ class ClientDaemon:
     def _cleanup(self) -> None:
         # Synchronous on purpose: runs on cancellation too, and must finish before exit. The
         # control socket goes last: `limen client down` waits for it to vanish, and by then
-        # the rules are gone.
+        # the rules and the resolver change are gone.
         if self.listener is not None:
             self.listener.close()
+        self._stop_dns()
         if self.capture and self.nft is not None:
             try:
                 self.nft.delete()
@@ -300,6 +340,65 @@ class ClientDaemon:
                     out.append(addr)
         return out
 
+    # --- the DNS stub -------------------------------------------------------------------------
+
+    async def _start_dns(self) -> None:
+        """Recover a resolver change a dead client left, start the stub, take over."""
+        assert self.session is not None
+        if await asyncio.to_thread(self.resolv.recover):
+            log.warning("restored %s left changed by an earlier client", self.resolv.path)
+        link = ResolvedLink()
+        if await asyncio.to_thread(link.recover):
+            log.warning("removed the %s link left by an earlier client", link.link)
+        try:
+            text = await asyncio.to_thread(self.resolv.path.read_text)
+        except OSError as exc:
+            raise ConfigError(f"cannot read {self.resolv.path}: {exc}") from exc
+        resolved = uses_resolved(text)
+        upstreams = [u for u in nameservers(text) if u.host != self.dns_address]
+        if not upstreams:
+            log.warning("%s names no DNS server: public names will fail", self.resolv.path)
+            upstreams = [Upstream("127.0.0.1")]
+        self.stub = DnsStub(self.session, upstream=DnsResolver(upstreams), local=self._local_answer)
+        self.stub.suffixes = list(self.profile.dns_suffixes)
+        await self.stub.start(self.dns_address, 53, require_suffixes=False)
+        if resolved:
+            self.resolved = link
+            await asyncio.to_thread(link.take_over, self.dns_address, self._routing_domains())
+            self.dns_mode = "systemd-resolved"
+        else:
+            await asyncio.to_thread(self.resolv.take_over, self.dns_address)
+            self.dns_mode = "resolv.conf"
+
+    def _stop_dns(self) -> None:
+        if self.stub is not None:
+            self.stub.close()
+        try:
+            if self.resolved is not None:
+                self.resolved.restore()
+            self.resolv.restore()
+        except (OSError, LimenError) as exc:
+            log.error("could not undo the resolver change: %s", exc)
+        self.dns_mode = "off"
+
+    def _local_answer(self, query: dns.message.Message) -> bytes | None:
+        assert self.stub is not None
+        return synthetic_answer(
+            query,
+            self.profile,
+            self.synthetic,
+            time.monotonic(),
+            suffixes=self.stub.suffixes,
+            edge_up=self.edge_up,
+            paused=self.paused,
+        )
+
+    def _routing_domains(self) -> list[str]:
+        """The names systemd-resolved must send to the stub."""
+        names = [r.parsed.name for r in self.profile.name_rules() if r.action is Action.TUNNEL]
+        suffixes = self.stub.suffixes if self.stub is not None else []
+        return [*names, *suffixes, *self.profile.dns_suffixes]
+
     # --- the packet filter --------------------------------------------------------------------
 
     def _wanted_state(self) -> CaptureState:
@@ -318,7 +417,10 @@ class ClientDaemon:
                 listen_ports=self.listener.ports,
                 excludes=self.excludes,
                 owner=f"limen client pid {os.getpid()}",
+                synthetic=str(self.synthetic.network) if self.stub is not None else None,
             )
+            if self.resolved is not None:
+                await asyncio.to_thread(self.resolved.set_domains, self._routing_domains())
             if script == self._script:
                 return
             await asyncio.to_thread(self.nft.apply, script)
@@ -610,6 +712,15 @@ class ClientDaemon:
             },
             "paused": self.paused,
             "paused_reason": why,
+            "dns": {
+                "mode": self.dns_mode,
+                "stub": f"{self.dns_address}:53" if self.stub is not None else "",
+                "synthetic_range": str(self.synthetic.network),
+                "mappings": len(self.synthetic),
+                "suffixes": list(self.stub.suffixes) if self.stub is not None else [],
+                "private_queries": self.stub.private_queries if self.stub is not None else 0,
+                "public_queries": self.stub.public_queries if self.stub is not None else 0,
+            },
         }
 
     async def wait_ready(self) -> None:
@@ -618,6 +729,7 @@ class ClientDaemon:
 
 
 __all__ = [
+    "STUB_ADDRESS",
     "ClientDaemon",
     "DaemonNotRunning",
     "control_call",

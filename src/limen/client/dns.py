@@ -13,6 +13,9 @@
   address) through :class:`~limen.net.resolver.DnsResolver`, or to ``--upstream`` servers.
 * A UDP answer larger than the client can take (512 bytes, or its EDNS payload size) is
   replaced by an empty answer with TC set, so the client retries over TCP (RFC 1035 §4.2.1).
+* Under ``limen client up`` a ``local`` hook answers first: names of the forwarding
+  profile's name rules get synthetic addresses (:func:`synthetic_answer`), so the
+  transparent listener can map a connection back to its name.
 * At most :data:`MAX_INFLIGHT` queries are served at once; more are dropped (UDP) — a stub
   must not turn a flood into unbounded tasks and streams. Malformed queries are dropped.
 """
@@ -22,13 +25,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import dns.exception
 import dns.flags
 import dns.message
 import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
 
+from limen.client.forwarding import (
+    Action,
+    ForwardingProfile,
+    Match,
+    Outcome,
+    SyntheticExhausted,
+    SyntheticMap,
+    decide,
+)
 from limen.errors import LimenError, RemoteProtocolError
 from limen.net.exchange import exchange
 from limen.net.resolver import DnsResolver, error_answer, parse_query
@@ -53,6 +69,55 @@ MAX_INFLIGHT = 256
 QUERY_DEADLINE = 10.0
 #: A TCP client gets this long to send each query.
 TCP_IDLE = 10.0
+#: TTL of a synthetic answer: short, so a profile change (a rule removed, the client paused)
+#: reaches applications quickly; the mapping itself lives much longer (SyntheticMap.ttl).
+SYNTHETIC_ANSWER_TTL = 5
+
+LocalAnswer = Callable[[dns.message.Message], "bytes | None"]
+
+
+def synthetic_answer(
+    query: dns.message.Message,
+    profile: ForwardingProfile,
+    synthetic: SyntheticMap,
+    now: float,
+    *,
+    suffixes: list[str],
+    edge_up: bool,
+    paused: bool,
+    ttl: int = SYNTHETIC_ANSWER_TTL,
+) -> bytes | None:
+    """The stub's own answer for a name of a tunnel name rule, or None to resolve it as usual.
+
+    * ``A``: one synthetic address (allocated on first use); ``AAAA``: no records (NOERROR),
+      so applications use the IPv4 answer; other types go to the edge when the name lies
+      under a private suffix, else get no records (never leak a private name to public DNS).
+    * None — the usual path — for names no tunnel rule covers, bypassed names, and when the
+      flow would go direct anyway (paused, or hardening ``pass`` with the edge unreachable):
+      then the application should get the real address.
+    * SERVFAIL when the synthetic range is exhausted.
+    """
+    question = query.question[0]
+    name = question.name.to_text(omit_final_dot=True)
+    rule = profile.name_rule_for(name)
+    if rule is None or rule.action is not Action.TUNNEL:
+        return None
+    if decide(Match(rule), edge_up=edge_up, paused=paused) is Outcome.DIRECT:
+        return None
+    response = dns.message.make_response(query)
+    response.flags |= dns.flags.AA
+    if question.rdtype == dns.rdatatype.A and question.rdclass == dns.rdataclass.IN:
+        try:
+            address = synthetic.address_for(name, now)
+        except SyntheticExhausted as exc:
+            log.warning("dns stub: %s: %s", name, exc.message)
+            return error_answer(query, dns.rcode.SERVFAIL)
+        response.answer.append(
+            dns.rrset.from_text(question.name, ttl, dns.rdataclass.IN, dns.rdatatype.A, address)
+        )
+    elif question.rdtype != dns.rdatatype.AAAA and is_under(name, suffixes):
+        return None
+    return response.to_wire()
 
 
 async def edge_request(
@@ -102,9 +167,12 @@ class DnsStub:
         session: EdgeSession,
         *,
         upstream: DnsResolver | None = None,
+        local: LocalAnswer | None = None,
     ) -> None:
         self.session = session
         self.upstream = upstream
+        #: Answers first when set (see :func:`synthetic_answer`); None falls through.
+        self.local = local
         self.suffixes: list[str] = []
         self.suffix_ttl = 60
         self.udp: UdpSocket | None = None
@@ -127,10 +195,19 @@ class DnsStub:
         self.suffixes, self.suffix_ttl = parse_suffix_list(response.body)
         return self.suffixes
 
-    async def start(self, host: str, port: int) -> Address:
+    async def start(self, host: str, port: int, *, require_suffixes: bool = True) -> Address:
         """Fetch the suffixes, then listen on UDP and TCP ``host:port`` (0: a free port, the
-        same for both). Returns the bound address."""
-        await self.refresh_suffixes()
+        same for both). Returns the bound address.
+
+        With ``require_suffixes=False`` (``limen client up``, which must come up with the edge
+        away so hardening applies) a failed fetch keeps the list the caller set in
+        :attr:`suffixes`, and the refresh loop retries."""
+        try:
+            await self.refresh_suffixes()
+        except (LimenError, OSError) as exc:
+            if require_suffixes:
+                raise
+            log.warning("dns stub: cannot fetch the private suffixes yet (%s)", exc)
         # With port 0 the UDP port the kernel picks may be taken over TCP: try a few.
         for attempt in range(20):
             udp = await bind_udp(host, port)
@@ -176,6 +253,10 @@ class DnsStub:
             return None
         if len(query.question) != 1:
             return error_answer(query, dns.rcode.FORMERR)
+        if self.local is not None:
+            own = self.local(query)
+            if own is not None:
+                return own
         name = query.question[0].name.to_text(omit_final_dot=True)
         if is_under(name, self.suffixes):
             self.private_queries += 1

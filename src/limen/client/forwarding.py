@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from limen.errors import ConfigError, RemoteProtocolError
+from limen.errors import ConfigError, LimenError, RemoteProtocolError
 from limen.policy.segments import (
     IP_TYPES,
     NAME_TYPES,
@@ -166,6 +167,21 @@ class ForwardingProfile:
             return []
         return [r for r in self.rules if r.dest_type in NAME_TYPES]
 
+    def name_rule_for(self, name: str) -> ForwardingRule | None:
+        """The first name rule (by priority) covering ``name`` on any port over TCP, or None.
+
+        A bypass rule can win: the caller decides what a bypassed name gets."""
+        target = parse_host(name)
+        if not isinstance(target, str) or not self.enabled:
+            return None
+        for rule in self.name_rules():
+            if "tcp" not in rule.parsed.protocols:
+                continue
+            lo = rule.parsed.port_ranges[0][0]
+            if rule.matches(target, lo, "tcp"):
+                return rule
+        return None
+
     def to_json(self) -> dict[str, Any]:
         return {
             "profile": self.name,
@@ -221,6 +237,130 @@ def explain(match: Match, outcome: Outcome, *, edge_up: bool, paused: bool) -> s
     if outcome is Outcome.BLOCK:
         return f"{where}: the edge is unreachable and hardening is 'block': refused at once"
     return f"{where}: the edge is unreachable and hardening is 'pass': goes directly"
+
+
+# --- synthetic addresses ------------------------------------------------------------------------
+
+#: Default range of synthetic addresses: a /16 inside the shared address space (RFC 6598,
+#: 100.64.0.0/10), which no private application uses as a real destination.
+DEFAULT_SYNTHETIC_RANGE: Final = "100.80.0.0/16"
+#: A name keeps its address this long after its last use (answer or flow): well past the
+#: answer's TTL, so an application that caches the answer still finds the name behind it.
+DEFAULT_SYNTHETIC_TTL: Final = 600.0
+#: Upper bound on live mappings whatever the range size (bounds memory on a /8).
+DEFAULT_SYNTHETIC_ENTRIES: Final = 65_536
+
+
+class SyntheticExhausted(LimenError):
+    """Every synthetic address is bound to a name used within its TTL."""
+
+    code = "synthetic_exhausted"
+    http_status = 503
+
+
+class SyntheticMap:
+    """Private names ↔ synthetic IPv4 addresses handed out by the DNS stub. Pure: the clock
+    is passed in.
+
+    * An address is allocated per name on first use and kept while the name is used (every
+      :meth:`address_for` and :meth:`name_for` refreshes it); a name not used for ``ttl``
+      seconds may lose its address to another name, never sooner.
+    * Fresh addresses are handed out in order from a cursor, so a released address is reused
+      as late as possible (a late connection to an old answer then fails rather than reaching
+      a different name).
+    * At most ``max_entries`` mappings (and never more than the range holds, without its
+      network and broadcast addresses). When all are in use and the least recently used has
+      not expired, :class:`SyntheticExhausted`: failing one lookup is better than sending a
+      live flow to the wrong name.
+    """
+
+    def __init__(
+        self,
+        network: str = DEFAULT_SYNTHETIC_RANGE,
+        *,
+        ttl: float = DEFAULT_SYNTHETIC_TTL,
+        max_entries: int = DEFAULT_SYNTHETIC_ENTRIES,
+    ) -> None:
+        try:
+            net = ipaddress.IPv4Network(network, strict=True)
+        except ValueError as exc:
+            raise ConfigError(f"synthetic range {network!r}: {exc}") from None
+        if net.num_addresses < 4:
+            raise ConfigError(f"synthetic range {network!r} is too small (at least a /30)")
+        if ttl <= 0 or max_entries < 1:
+            raise ConfigError("synthetic map: ttl and max_entries must be positive")
+        self.network = net
+        self.ttl = ttl
+        self._first = int(net.network_address) + 1
+        self._size = min(net.num_addresses - 2, max_entries)
+        self._cursor = 0
+        #: name → (address as int, last use); ordered by last use, oldest first.
+        self._by_name: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self._by_addr: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def __contains__(self, address: object) -> bool:
+        """Whether ``address`` (text or parsed) lies in the synthetic range."""
+        try:
+            addr = ipaddress.ip_address(str(address))
+        except ValueError:
+            return False
+        return addr.version == 4 and addr in self.network
+
+    def address_for(self, name: str, now: float) -> str:
+        """The synthetic address of ``name`` (normalised), allocating one if needed."""
+        key = normalize_name(name)
+        entry = self._by_name.get(key)
+        if entry is not None:
+            self._touch(key, entry[0], now)
+            return str(ipaddress.IPv4Address(entry[0]))
+        if len(self._by_name) < self._size:
+            addr = self._next_free()
+        else:
+            oldest, (addr, used) = next(iter(self._by_name.items()))
+            if now - used < self.ttl:
+                raise SyntheticExhausted(
+                    f"all {self._size} synthetic addresses of {self.network} are in use"
+                )
+            del self._by_name[oldest]
+            del self._by_addr[addr]
+        self._by_addr[addr] = key
+        self._touch(key, addr, now)
+        return str(ipaddress.IPv4Address(addr))
+
+    def name_for(self, address: str, now: float) -> str | None:
+        """The name behind a synthetic ``address``, or None (not synthetic, or expired)."""
+        try:
+            value = int(ipaddress.IPv4Address(address))
+        except ValueError:
+            return None
+        name = self._by_addr.get(value)
+        if name is None:
+            return None
+        _, used = self._by_name[name]
+        if now - used >= self.ttl:
+            # Expired: forget it now, so the answer is the same whether or not the address
+            # was reallocated in the meantime.
+            del self._by_name[name]
+            del self._by_addr[value]
+            return None
+        self._touch(name, value, now)
+        return name
+
+    def _touch(self, name: str, addr: int, now: float) -> None:
+        self._by_name[name] = (addr, now)
+        self._by_name.move_to_end(name)
+
+    def _next_free(self) -> int:
+        # Only called with a free slot, so the scan ends within one turn of the range.
+        for _ in range(self._size):
+            addr = self._first + self._cursor
+            self._cursor = (self._cursor + 1) % self._size
+            if addr not in self._by_addr:
+                return addr
+        raise SyntheticExhausted(f"no free synthetic address in {self.network}")
 
 
 # --- parsing ------------------------------------------------------------------------------------
@@ -330,6 +470,7 @@ def assign_priorities(
 
 
 __all__ = [
+    "DEFAULT_SYNTHETIC_RANGE",
     "HARDENING",
     "PRIVATE_ACCESS",
     "Action",
@@ -337,6 +478,8 @@ __all__ = [
     "ForwardingRule",
     "Match",
     "Outcome",
+    "SyntheticExhausted",
+    "SyntheticMap",
     "assign_priorities",
     "build_profile",
     "decide",

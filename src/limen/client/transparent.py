@@ -47,6 +47,7 @@ from limen.client.forwarding import (
     ForwardingRule,
     Match,
     Outcome,
+    SyntheticMap,
     decide,
 )
 from limen.client.tunnel import EdgeSession, FlowRefused
@@ -121,16 +122,36 @@ def render_ruleset(
     excludes: Iterable[tuple[str, int]] = (),
     mark: int = SOCKET_MARK,
     owner: str = "",
+    synthetic: str | None = None,
 ) -> str:
     """The ``nft -f`` script that makes the table match ``profile`` in ``state``.
 
     ``listen_ports`` maps an IP version (4, 6) to the transparent listener's port on loopback;
     rules of a version without a listener are left out. ``excludes`` are (address, port)
-    pairs never captured (the edge, the API)."""
+    pairs never captured (the edge, the API).
+
+    ``synthetic`` is the IPv4 range the DNS stub answers private names from: connections to
+    it on the ports of a tunnel name rule are redirected to the listener whether the edge is
+    up or not — the kernel cannot tell which name an address stands for, so the listener
+    (which can) applies the hardening: a reset for ``block``, a direct connection to the
+    real name for ``pass``."""
     excludes = list(excludes)
     nat: list[str] = []
     harden: list[str] = []
     rules = profile.ip_rules("tcp") if state is not CaptureState.PAUSED else []
+    named: list[str] = []
+    if synthetic is not None and state is not CaptureState.PAUSED and 4 in listen_ports:
+        net = ipaddress.IPv4Network(synthetic)
+        seen: set[str] = set()
+        for rule in profile.name_rules():
+            if rule.action is not Action.TUNNEL or "tcp" not in rule.parsed.protocols:
+                continue
+            ports = _ports_expr(rule)
+            if ports in seen:
+                continue
+            seen.add(ports)
+            note = _comment(f"synthetic {rule.id} {rule.app_name}".strip())
+            named.append(f"ip daddr {net} tcp dport {ports} redirect to :{listen_ports[4]} {note}")
     for rule in rules:
         version = rule.parsed.ip_version
         match = f"{_daddr_expr(rule)} tcp dport {_ports_expr(rule)}"
@@ -154,7 +175,7 @@ def render_ruleset(
     out += [
         "\tchain capture {",
         "\t\ttype nat hook output priority -100; policy accept;",
-        *(f"\t\t{line}" for line in head + nat),
+        *(f"\t\t{line}" for line in head + nat + named),
         "\t}",
         "\tchain harden {",
         "\t\ttype filter hook output priority 0; policy accept;",
@@ -248,6 +269,14 @@ def original_dst(sock: socket.socket) -> tuple[str, int]:
     # struct sockaddr_in: family, port (network order), 4-byte address, padding
     port = struct.unpack_from("!H", raw, 2)[0]
     return str(ipaddress.IPv4Address(raw[4:8])), port
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 # --- live flows -------------------------------------------------------------------------------
@@ -350,8 +379,14 @@ class TransparentListener:
         on_edge_unreachable: Callable[[], None],
         process_lookup: ProcessLookup = _default_process_lookup,
         mark: int = SOCKET_MARK,
+        synthetic: SyntheticMap | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.session = session
+        #: The DNS stub's name ↔ address map: a flow to a synthetic address is a flow to its
+        #: name (the connector resolves it on the private side).
+        self.synthetic = synthetic
+        self.clock = clock
         self.profile = profile
         self.edge_up = edge_up
         self.paused = paused
@@ -404,6 +439,14 @@ class TransparentListener:
         if port in self.ports.values() and ipaddress.ip_address(host).is_loopback:
             local.abort()
             return
+        if self.synthetic is not None and host in self.synthetic:
+            name = self.synthetic.name_for(host, self.clock())
+            if name is None:
+                # An answer older than the map remembers: no way to know the name.
+                log.info("flow to %s:%s: synthetic address not (or no longer) mapped", host, port)
+                local.abort()
+                return
+            host = name
         peer_host, peer_port = local.peer()
         found = await asyncio.to_thread(self.process_lookup, peer_host, peer_port)
         pid, pname = found if found is not None else (0, "")
@@ -471,6 +514,26 @@ class TransparentListener:
         """Carry the connection straight to its destination on a marked socket (which the
         packet filter does not capture again)."""
         loop = asyncio.get_running_loop()
+        if not _is_ip(host):
+            # A name behind a synthetic address (hardening "pass", or a port no rule covers):
+            # resolve it for real. The stub answers such names from the upstream resolver
+            # then; a synthetic answer would only loop back here.
+            try:
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError as exc:
+                flow.state, flow.error = "failed", f"resolve: {exc}"
+                local.abort()
+                return
+            real = [
+                str(i[4][0])
+                for i in infos
+                if self.synthetic is None or i[4][0] not in self.synthetic
+            ]
+            if not real:
+                flow.state, flow.error = "failed", "no real address"
+                local.abort()
+                return
+            host = real[0]
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
