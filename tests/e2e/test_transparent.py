@@ -194,8 +194,27 @@ class Client:
         return out
 
 
+LAPTOP_RESOLV = "# e2e laptop\nnameserver 198.18.1.1\n"
+
+
 @pytest.fixture(scope="module")
-def client(topology: Topology, lab: Lab) -> Iterator[Client]:
+def laptop_resolv(topology: Topology) -> Iterator[Path]:
+    """The laptop's own resolv.conf: `limen client up` makes its DNS stub the resolver, and
+    must do so in the namespace's file, never in the real machine's."""
+    path = Path("/etc/netns") / topology.laptop.ns / "resolv.conf"
+    before = path.read_bytes() if path.exists() else None
+    topology.laptop.set_resolv_conf(LAPTOP_RESOLV)
+    try:
+        yield path
+    finally:
+        if before is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_bytes(before)
+
+
+@pytest.fixture(scope="module")
+def client(topology: Topology, lab: Lab, laptop_resolv: Path) -> Iterator[Client]:
     profile = ClientProfile.create(topology.laptop, "alice")
     c = Client(profile)
     try:
@@ -206,6 +225,7 @@ def client(topology: Topology, lab: Lab) -> Iterator[Client]:
         profile.run("down", check=False)
         profile.stop()
         assert not _limen_tables(topology.laptop)
+        assert laptop_resolv.read_text() == LAPTOP_RESOLV
 
 
 # --- the tests, in order ------------------------------------------------------------------------

@@ -8,7 +8,9 @@ bundle passes :func:`limen.client.daemon.redact` (JWTs, bearer credentials).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import ipaddress
 import json
 import os
 import platform
@@ -42,6 +44,7 @@ from limen.client.forwarding import (
     parse_profile,
 )
 from limen.client.profile import ClientState, StateFile
+from limen.client.resolvconf import nameservers
 from limen.client.transparent import NftTable, has_net_admin
 from limen.errors import ConfigError, LimenError
 from limen.net.tls import ALPN_MUX, client_context
@@ -231,6 +234,83 @@ def check_nftables(status: dict[str, Any] | None) -> Check:
     return Check("nftables", OK, f"table inet limen present ({status['capture']['state']})")
 
 
+def dns_probe_name(profile: ForwardingProfile | None) -> str | None:
+    """A name the stub must answer with a synthetic address: from the first tunnel name rule
+    (a made-up label under a wildcard)."""
+    if profile is None:
+        return None
+    for rule in profile.name_rules():
+        if rule.action is Action.TUNNEL and "tcp" in rule.parsed.protocols:
+            name = rule.parsed.name
+            return f"limen-doctor.{name}" if rule.dest_type == "wildcard" else name
+    return None
+
+
+def check_dns(
+    status: dict[str, Any] | None,
+    profile: ForwardingProfile | None,
+    client_dir: Path | None = None,
+) -> Check:
+    """Ask the daemon's DNS stub for a private name; it must answer a synthetic address.
+    Without ``profile`` the daemon's is used (from ``client_dir``'s control socket)."""
+    import dns.exception
+    import dns.message
+    import dns.query
+    import dns.rdatatype
+
+    info = (status or {}).get("dns") or {}
+    stub = str(info.get("stub") or "")
+    if not stub:
+        return Check("dns", SKIP, "no DNS stub running (it runs with `limen client up`)")
+    if status is not None and status.get("paused"):
+        return Check("dns", SKIP, f"stub on {stub}; paused: private names resolve publicly")
+    if profile is None and client_dir is not None:
+        with contextlib.suppress(LimenError, KeyError):
+            profile = parse_profile(
+                control_call(control_path(client_dir), "profile", 5.0)["profile"]
+            )
+    name = dns_probe_name(profile)
+    if name is None:
+        return Check("dns", OK, f"stub on {stub} ({info.get('mode')}); no private name rules")
+    host, _, port = stub.rpartition(":")
+    try:
+        answer = dns.query.udp(dns.message.make_query(name, "A"), host, port=int(port), timeout=3.0)
+    except (dns.exception.DNSException, OSError) as exc:
+        return Check(
+            "dns",
+            FAIL,
+            f"the DNS stub on {stub} does not answer: {exc!r}",
+            "restart the daemon: `limen client down && sudo limen client up`",
+        )
+    found = [r.address for rrset in answer.answer if rrset.rdtype == dns.rdatatype.A for r in rrset]
+    network = ipaddress.ip_network(str(info.get("synthetic_range") or "0.0.0.0/32"))
+    if not found or ipaddress.ip_address(found[0]) not in network:
+        return Check(
+            "dns",
+            FAIL,
+            f"the stub answered {name} with {found or 'no address'}, not one in {network}",
+            "check `limen client test-destination` for the name and the daemon's log",
+        )
+    resolver = _system_nameservers()
+    where = (
+        "the system resolver"
+        if host in resolver or info.get("mode") == "systemd-resolved"
+        else f"NOT the system resolver ({', '.join(resolver) or 'none'})"
+    )
+    detail = f"stub on {stub} ({info.get('mode')}, {where}): {name} → {found[0]}"
+    if "NOT" in where:
+        return Check("dns", WARN, detail, "another program rewrote /etc/resolv.conf: restart")
+    return Check("dns", OK, detail)
+
+
+def _system_nameservers() -> list[str]:
+    try:
+        text = Path("/etc/resolv.conf").read_text()
+    except OSError:
+        return []
+    return [u.host for u in nameservers(text)]
+
+
 async def _test_flow(state: ClientState, host: str, port: int) -> Check:
     from limen.client.tunnel import EdgeSession, FlowRefused
 
@@ -289,7 +369,7 @@ def doctor(files: StateFile, *, test_flow: bool = True) -> list[Check]:
     daemon, status = check_daemon(files.directory)
     checks.append(daemon)
     checks.append(check_nftables(status))
-    checks.append(Check("dns", SKIP, "the private DNS stub is not part of this client version yet"))
+    checks.append(check_dns(status, profile, files.directory))
     target = test_flow_target(profile)
     if not test_flow:
         checks.append(Check("test_flow", SKIP, "not requested"))
