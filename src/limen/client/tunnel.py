@@ -328,14 +328,16 @@ class EdgeSession:
                 elif await asyncio.to_thread(self._adopt_newer_sign_in, token):
                     continue
                 if self.reauthenticate is not None and await asyncio.to_thread(
-                    self._reauthenticate, refusal
+                    self._reauthenticate, refusal, token
                 ):
                     continue
             raise refusal
 
-    def _reauthenticate(self, refusal: FlowRefused) -> bool:
+    def _reauthenticate(self, refusal: FlowRefused, used: str = "") -> bool:
         assert self.reauthenticate is not None
         with self._refresh_lock:
+            if used and self.state.access_token != used:
+                return True  # signed in again meanwhile (a control-stream challenge): ask once
             done = self.reauthenticate(refusal)
             if done and self.state_file is not None:
                 self.state_file.save(self.state)
@@ -394,7 +396,7 @@ class EdgeSession:
             token = self.state.access_token
             if await asyncio.to_thread(self._adopt_newer_sign_in, token) or (
                 self.reauthenticate is not None
-                and await asyncio.to_thread(self._reauthenticate, refusal)
+                and await asyncio.to_thread(self._reauthenticate, refusal, token)
             ):
                 self.set_paused("")
         except LimenError as exc:
