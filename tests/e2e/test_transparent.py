@@ -393,7 +393,7 @@ def test_hardening_with_the_edge_unreachable(
 
 
 def test_down_and_crash_recovery_leave_no_table(
-    topology: Topology, lab: Lab, client: Client
+    topology: Topology, lab: Lab, client: Client, laptop_resolv: Path
 ) -> None:
     laptop = topology.laptop
     down = client.profile.run("down")
@@ -419,4 +419,10 @@ def test_down_and_crash_recovery_leave_no_table(
     lp.proc.wait(timeout=10)
     assert "stale" in client.profile.run("down").stdout
     assert not _limen_tables(laptop)
+    # The killed daemon's resolv.conf: `limen client down` does not restore it yet (the CLI
+    # does not call daemon.undo_stale_resolver); the next start does, and down after it.
+    assert "127.0.53.1" in laptop_resolv.read_text()
+    client.up()
+    client.profile.run("down")
+    assert laptop_resolv.read_text() == LAPTOP_RESOLV
     assert not [p for p in limen_pids(laptop) if p in (lp.proc.pid, restarted.proc.pid)]

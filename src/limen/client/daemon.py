@@ -104,6 +104,17 @@ def profile_cache_path(client_dir: Path) -> Path:
     return client_dir / "profile.json"
 
 
+def undo_stale_resolver(client_dir: Path, resolv_conf: Path = RESOLV_CONF) -> list[str]:
+    """Undo the resolver change of a client that died (for ``limen client down`` with no
+    daemon running): what was undone, for the user."""
+    done: list[str] = []
+    if ResolvConf(client_dir, resolv_conf).recover():
+        done.append(f"restored {resolv_conf}")
+    if ResolvedLink().recover():
+        done.append("removed the systemd-resolved link limen0")
+    return done
+
+
 class DaemonNotRunning(LimenError):
     code = "daemon_not_running"
     http_status = 503
@@ -736,4 +747,5 @@ __all__ = [
     "control_path",
     "profile_cache_path",
     "redact",
+    "undo_stale_resolver",
 ]
