@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
@@ -481,6 +482,15 @@ def _normalize_host(host: str) -> IPAddress | str | None:
         return None
 
 
+def _dotted_quad(host: str) -> int | None:
+    """A strict dotted-quad IPv4 literal as an integer (one C call: this runs on every flow),
+    else None and the general parser decides."""
+    try:
+        return int.from_bytes(socket.inet_pton(socket.AF_INET, host), "big")
+    except (OSError, ValueError):
+        return None
+
+
 @dataclass(slots=True)
 class _IpFamily:
     bits: int
@@ -550,16 +560,18 @@ class SegmentIndex:
         """The most specific segment for a flow to ``host:port`` over ``protocol`` (``tcp``
         or ``udp``), or None. ``host`` is an IP literal (IPv6 optionally in brackets) or a
         DNS name."""
+        quad = _dotted_quad(host)
+        if quad is not None:  # the common case, without building an ipaddress object
+            return self._match_ip(4, quad, port, protocol)
         target = _normalize_host(host)
         if target is None:
             return None
         if isinstance(target, str):
             return self._match_name(target, port, protocol)
-        return self._match_ip(target, port, protocol)
+        return self._match_ip(target.version, int(target), port, protocol)
 
-    def _match_ip(self, addr: IPAddress, port: int, protocol: str) -> SegmentSpec | None:
-        fam = self._families[addr.version]
-        n = int(addr)
+    def _match_ip(self, version: int, n: int, port: int, protocol: str) -> SegmentSpec | None:
+        fam = self._families[version]
         for spec in fam.exact.get(n, ()):
             if spec.allows(port, protocol):
                 return spec
