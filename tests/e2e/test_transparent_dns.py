@@ -271,6 +271,36 @@ def test_doctor_checks_the_stub(client: Client) -> None:
     assert "100.80." in checks["dns"]["detail"]
 
 
+def test_with_the_edge_unreachable_a_block_name_fails_fast(
+    topology: Topology, lab: Lab, client: Client, lan_nginx: NginxInfo
+) -> None:
+    laptop = topology.laptop
+    laptop.run(["nft", "-f", "-"], input=(
+        "table inet e2ecut {\n chain out {\n  type filter hook output priority -10;\n"
+        f"  ip daddr {EDGE_FOR_LAPTOP} tcp dport {EDGE_PORT} reject with tcp reset\n"
+        " }\n}\n"
+    ))  # fmt: skip
+    try:
+        _poll("the client to notice", lambda: client.status()["health"]["edge"] != "up")
+        # Hardening "block": the name still resolves (synthetic), the connection is reset at
+        # once by the listener — never sent anywhere else.
+        address = _getent(laptop, NAME).stdout.split()[0]
+        assert ipaddress.ip_address(address) in SYNTHETIC
+        started = time.monotonic()
+        blocked = laptop.run(
+            ["curl", "-sS", "--noproxy", "*", "--max-time", "10", f"http://{NAME}/"],
+            check=False,
+            timeout=30,
+        )
+        assert blocked.returncode != 0 and lan_nginx.marker not in blocked.stdout
+        assert time.monotonic() - started < 3.0
+        flows = json.loads(client.profile.run("traffic", "--json").stdout)
+        assert any(f["destination"] == f"{NAME}:80" and f["action"] == "block" for f in flows)
+    finally:
+        laptop.run(["nft", "delete", "table", "inet", "e2ecut"], check=False)
+    _poll("the edge back up", lambda: client.status()["health"]["edge"] == "up")
+
+
 def test_down_and_crash_recovery_restore_the_resolver(
     topology: Topology, lab: Lab, client: Client
 ) -> None:
