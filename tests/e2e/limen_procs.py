@@ -329,15 +329,23 @@ def enroll_connector(
     return LimenConnector(host=host, data_dir=data_dir, connector_id=m.group(1))
 
 
-def start_connector(connector: LimenConnector, service: LimenService) -> LimenConnector:
-    """``limen connector run``; returns once the edge counts one more connector link."""
-    before = service.metric("limen_connectors_connected")
+def spawn_connector(connector: LimenConnector, *args: str) -> LimenProcess:
+    """``limen connector run ARGS`` in the background, without waiting for its link; the
+    process is also stored as ``connector.process``."""
     connector.process = spawn(
         connector.host,
-        ["connector", "run", "--data-dir", str(connector.data_dir)],
+        ["connector", "run", "--data-dir", str(connector.data_dir), *args],
         base_env(),
         connector.data_dir.parent,
     )
+    return connector.process
+
+
+def start_connector(connector: LimenConnector, service: LimenService, *args: str) -> LimenConnector:
+    """``limen connector run ARGS``; returns once the edge counts one more connector link."""
+    before = service.metric("limen_connectors_connected")
+    spawn_connector(connector, *args)
+    assert connector.process is not None
     try:
         service.wait_metric("limen_connectors_connected", before + 1)
     except TimeoutError as exc:
@@ -373,12 +381,21 @@ class ClientProfile:
         """``limen client ARGS`` to completion."""
         return run(self.host, ["client", *args], self.env, input=input, check=check)
 
-    def login(self, service: LimenService, username: str, password: str) -> None:
-        """Sign in with ``--password-stdin`` (the password never appears in an argv)."""
-        self.run(
+    def login(
+        self,
+        service: LimenService,
+        username: str,
+        password: str,
+        *extra: str,
+        check: bool = True,
+    ) -> subprocess.CompletedProcess[str]:
+        """Sign in with ``--password-stdin`` (the password never appears in an argv);
+        ``extra`` are more ``limen client login`` options (``--mfa --otp CODE``)."""
+        return self.run(
             "login", "--api", service.api_url, "--ca-file", str(service.ca_file),
-            "--username", username, "--password-stdin",
+            "--username", username, "--password-stdin", *extra,
             input=password + "\n",
+            check=check,
         )  # fmt: skip
 
     def token(self) -> str:
@@ -403,10 +420,27 @@ class ClientProfile:
         listen = f"127.0.0.1:{port}"
         return self._start(["forward", target, "--listen", listen], f"forwarding {listen} ")
 
+    def forward_udp(self, target: str, port: int) -> LimenProcess:
+        """``limen client forward --udp TARGET --listen 127.0.0.1:PORT``, once it listens."""
+        listen = f"127.0.0.1:{port}"
+        return self._start(
+            ["forward", "--udp", target, "--listen", listen], f"forwarding udp {listen} "
+        )
+
     def socks(self, port: int) -> LimenProcess:
         """``limen client socks --listen 127.0.0.1:PORT``, once it listens."""
         listen = f"127.0.0.1:{port}"
         return self._start(["socks", "--listen", listen], f"SOCKS5 on {listen} ")
+
+    def dns(self, port: int) -> LimenProcess:
+        """``limen client dns --listen 127.0.0.1:PORT``, once it listens."""
+        listen = f"127.0.0.1:{port}"
+        return self._start(["dns", "--listen", listen], f"DNS stub on {listen} ")
+
+    def stop_process(self, lp: LimenProcess) -> None:
+        """Stop one of this profile's processes (the others keep running)."""
+        lp.stop()
+        self.processes.remove(lp)
 
     def stop(self) -> None:
         """Stop every process of this profile."""

@@ -14,36 +14,45 @@ the traffic-log test at the end checks the records of the flows made before it.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import secrets
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
+from .deployment import (
+    CURL_CONNECT_FAILURES,
+    LAN,
+    add_user,
+    curl,
+    edge_proxy_args,
+    edge_service,
+    enroll_branch_connector,
+    logs,
+    poll,
+    proxy_header_file,
+    publish_app,
+    ssh_via_forward,
+    traffic_records,
+)
 from .limen_procs import (
     ClientProfile,
     LimenConnector,
     LimenProcess,
     LimenService,
-    enroll_connector,
     limen_pids,
     start_connector,
-    start_service,
 )
 from .netns import Host, Topology, require_root_and_tools
 from .servers import Iperf3Info, NginxInfo, SshdInfo
 
 pytestmark = pytest.mark.e2e
 
-LAN = "198.18.3.10"
-EDGE_FOR_LAPTOP = "198.18.1.1"
-EDGE_FOR_BRANCH = "198.18.2.1"
 API_PORT = 9443
 EDGE_PORT = 8443
 # Laptop-local ports of alice's client processes (and mallory's SOCKS proxy).
@@ -52,34 +61,8 @@ MALLORY_SOCKS_PORT = 1081
 SSH_FWD_PORT = 2222
 HTTP_FWD_PORT = 8080
 IPERF_FWD_PORT = 5201
-# curl's exit codes for "could not connect" (7) and "timed out" (28).
-_CURL_CONNECT_FAILURES = {7, 28}
 # Bounded waits for asynchronous effects (traffic-log batches, log lines).
 _WAIT = 15.0
-
-
-def _poll(what: str, probe: Callable[[], Any], timeout: float = _WAIT) -> Any:
-    """Call ``probe`` until it returns something truthy; that value. Bounded by ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
-
-
-def _curl(
-    host: Host, *args: str, proxied: bool = False, timeout: float = 30.0
-) -> subprocess.CompletedProcess[str]:
-    """curl on ``host``. Unless ``proxied`` (the args name a proxy, which then overrides any
-    of the environment), ``--noproxy '*'``: an http_proxy of the runner's environment must not
-    change the path taken. (``--noproxy`` would also disable ``--socks5-hostname``/``-x``.)"""
-    no_env_proxy = [] if proxied else ["--noproxy", "*"]
-    return host.run(
-        ["curl", "-sS", *no_env_proxy, "--max-time", "10", *args], check=False, timeout=timeout
-    )
 
 
 # --- the deployment ---------------------------------------------------------------------------
@@ -97,8 +80,7 @@ class Deployment:
 
     def logs(self) -> str:
         """The ends of the service's and the connector's logs, for failure messages."""
-        con = self.connector.process.tail() if self.connector.process is not None else ""
-        return f"\n--- service:\n{self.service.process.tail()}\n--- connector:\n{con}"
+        return logs(self.service, connector=self.connector.process)
 
 
 @pytest.fixture(scope="module")
@@ -106,49 +88,17 @@ def deployment(topology: Topology) -> Iterator[Deployment]:
     """``limen serve`` on the edge, a tenant built with ``limen admin``, a connector on the
     branch. At teardown every Limen process is gone from every namespace."""
     require_root_and_tools("curl")
-    service = start_service(
-        topology.edge,
-        public_host=EDGE_FOR_LAPTOP,
-        extra_san=[EDGE_FOR_BRANCH],
-        api_port=API_PORT,
-        edge_port=EDGE_PORT,
-        # Short batching and polling intervals: the tests read the log right after flows.
-        settings={
-            "LIMEN_TRAFFIC_LOG_FLUSH_SECONDS": "0.2",
-            "LIMEN_CONFIG_POLL_SECONDS": "0.2",
-        },
-    )
-    connector: LimenConnector | None = None
-    try:
+    with edge_service(topology, API_PORT, EDGE_PORT) as service, ExitStack() as cleanup:
         alice_pw, mallory_pw = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
-        alice = service.admin_json("user", "add", "alice", "--password-stdin", input=alice_pw)
-        service.admin_json("user", "add", "mallory", "--password-stdin", input=mallory_pw)
+        alice = add_user(service, "alice", alice_pw)
+        add_user(service, "mallory", mallory_pw)
         service.admin_json("connector-group", "add", "branch-office")
-        app = service.admin_json("app", "add", "lan-servers", "--connector-group", "branch-office")
-        service.admin_json(
-            "segment", "add", "lan-servers",
-            "--type", "ip", "--destination", LAN, "--ports", "22,80,5201",
-        )  # fmt: skip
+        app = publish_app(service, "lan-servers", "branch-office", "22,80,5201")
         service.admin_json("assign", "lan-servers", alice["id"])
-        enrollment = service.admin_json(
-            "connector", "enrollment-token", "--group", "branch-office", "--name", "branch-1"
-        )
-        # Enrolled through the branch-facing address: the branch cannot reach 198.18.1.1.
-        connector = enroll_connector(
-            topology.branch,
-            service,
-            enrollment["token"],
-            api_addr=EDGE_FOR_BRANCH,
-            edge=service.edge_address(EDGE_FOR_BRANCH),
-        )
+        connector = enroll_branch_connector(topology, service, "branch-office", "branch-1")
+        cleanup.callback(connector.stop)
         start_connector(connector, service)
         yield Deployment(service, connector, app["id"], alice_pw, mallory_pw)
-    finally:
-        if connector is not None:
-            connector.stop()
-        service.stop()
-        left = {h.name: limen_pids(h) for h in topology}
-        assert not any(left.values()), f"Limen processes left behind: {left}"
 
 
 @dataclass
@@ -196,8 +146,8 @@ def test_laptop_cannot_reach_the_lan_without_limen(
 ) -> None:
     # The premise of everything below; runs before any Limen process exists.
     assert all(not limen_pids(h) for h in topology)
-    proc = _curl(topology.laptop, "--max-time", "2", lan_nginx.url)
-    assert proc.returncode in _CURL_CONNECT_FAILURES, (proc.returncode, proc.stderr)
+    proc = curl(topology.laptop, "--max-time", "2", lan_nginx.url)
+    assert proc.returncode in CURL_CONNECT_FAILURES, (proc.returncode, proc.stderr)
     assert lan_nginx.marker not in proc.stdout
     # (ssh_argv sets ConnectTimeout=5; ssh keeps the first value of an option.)
     proc = topology.laptop.run(lan_sshd.ssh_argv("echo", "ok"), check=False)
@@ -206,9 +156,8 @@ def test_laptop_cannot_reach_the_lan_without_limen(
 
 
 def test_ssh_through_forward(topology: Topology, alice: Alice, lan_sshd: SshdInfo) -> None:
-    via_forward = dataclasses.replace(lan_sshd, port=SSH_FWD_PORT)
     proc = topology.laptop.run(
-        via_forward.ssh_argv("echo", "ok", addr="127.0.0.1"), check=False, timeout=30
+        ssh_via_forward(lan_sshd, SSH_FWD_PORT, "echo", "ok"), check=False, timeout=30
     )
     assert proc.returncode == 0, proc.stderr + alice.forwards[SSH_FWD_PORT].tail()
     assert proc.stdout.strip() == "ok"
@@ -228,12 +177,12 @@ def test_curl_through_forward_and_socks(
     topology: Topology, deployment: Deployment, alice: Alice, lan_nginx: NginxInfo
 ) -> None:
     via_forward = f"http://127.0.0.1:{HTTP_FWD_PORT}{lan_nginx.path}"
-    proc = _curl(topology.laptop, via_forward)
+    proc = curl(topology.laptop, via_forward)
     assert proc.returncode == 0, proc.stderr + alice.forwards[HTTP_FWD_PORT].tail()
     assert lan_nginx.marker in proc.stdout
 
     socks = ["--socks5-hostname", f"127.0.0.1:{SOCKS_PORT}"]
-    proc = _curl(topology.laptop, *socks, lan_nginx.url, proxied=True)
+    proc = curl(topology.laptop, *socks, lan_nginx.url, noproxy=None)
     assert proc.returncode == 0, proc.stderr + alice.socks.tail() + deployment.logs()
     assert lan_nginx.marker in proc.stdout
 
@@ -250,7 +199,8 @@ def test_curl_through_forward_and_socks(
 def _download(host: Host, curl_args: list[str], proxied: bool = False) -> tuple[int, str]:
     """Size and sha256 of what curl downloads (to a file: namespaces share the filesystem)."""
     out = host.tempdir("download") / "body"
-    proc = _curl(host, "-f", "-o", str(out), *curl_args, proxied=proxied, timeout=40)
+    noproxy = None if proxied else "*"
+    proc = curl(host, "-f", "-o", str(out), *curl_args, noproxy=noproxy, timeout=40)
     assert proc.returncode == 0, (curl_args, proc.stderr)
     body = out.read_bytes()
     return len(body), hashlib.sha256(body).hexdigest()
@@ -263,29 +213,13 @@ def test_standard_client_connect_through_the_edge(
     # code on this path but the edge. The header goes by file, not on curl's command line.
     token = alice.profile.token()
     assert token.count(".") == 2  # a JWT
-    header_file = alice.profile.directory / "proxy-header"
-    header_file.write_text(f"Proxy-Authorization: Bearer {token}\n")
-    header_file.chmod(0o600)
-    proc = _curl(
-        topology.laptop,
-        "-p",
-        "--proxy", f"https://{deployment.service.edge_address()}",
-        "--proxy-cacert", str(deployment.service.ca_file),
-        "--proxy-header", f"@{header_file}",
-        lan_nginx.url,
-        proxied=True,
-    )  # fmt: skip
+    header_file = proxy_header_file(alice.profile.directory, token)
+    proxy = edge_proxy_args(deployment.service, header_file)
+    proc = curl(topology.laptop, *proxy, lan_nginx.url, noproxy=None)
     assert proc.returncode == 0, proc.stderr + deployment.logs()
     assert lan_nginx.marker in proc.stdout
     # Without the token the edge refuses the CONNECT: curl reports the proxy's 401.
-    proc = _curl(
-        topology.laptop,
-        "-p",
-        "--proxy", f"https://{deployment.service.edge_address()}",
-        "--proxy-cacert", str(deployment.service.ca_file),
-        lan_nginx.url,
-        proxied=True,
-    )  # fmt: skip
+    proc = curl(topology.laptop, *edge_proxy_args(deployment.service), lan_nginx.url, noproxy=None)
     assert proc.returncode != 0
     assert "401" in proc.stderr, proc.stderr
     assert lan_nginx.marker not in proc.stdout
@@ -312,17 +246,21 @@ def test_unassigned_user_is_refused(
     topology: Topology, deployment: Deployment, mallory: LimenProcess, lan_nginx: NginxInfo
 ) -> None:
     socks = ["--socks5-hostname", f"127.0.0.1:{MALLORY_SOCKS_PORT}"]
-    proc = _curl(topology.laptop, *socks, lan_nginx.url, proxied=True)
+    proc = curl(topology.laptop, *socks, lan_nginx.url, noproxy=None)
     assert proc.returncode != 0, proc.stdout
     assert lan_nginx.marker not in proc.stdout
     # The client says why on its stderr: the edge's refusal code.
-    _poll("mallory's client to report the refusal", lambda: "not_assigned" in mallory.tail())
+    poll(
+        "mallory's client to report the refusal",
+        lambda: "not_assigned" in mallory.tail(),
+        timeout=_WAIT,
+    )
 
     def blocked() -> list[dict[str, Any]]:
-        page = deployment.service.admin_json("traffic", "list", "--user", "mallory")
-        return [r for r in page["items"] if r["action"] == "block"]
+        records = traffic_records(deployment.service, "--user", "mallory")
+        return [r for r in records if r["action"] == "block"]
 
-    records = _poll("mallory's blocked flow in the traffic log", blocked)
+    records = poll("mallory's blocked flow in the traffic log", blocked, timeout=_WAIT)
     assert {r["code"] for r in records} == {"not_assigned"}
     assert all(r["username"] == "mallory" and r["dest_port"] == 80 for r in records)
     assert all(r["bytes_up"] == 0 and r["bytes_down"] == 0 for r in records)
@@ -337,20 +275,19 @@ def test_traffic_log_has_alices_flows(
 ) -> None:
     # Flows of its own, so that this test stands alone: one ssh session and one 4 MiB
     # download through the forwards. (Records are written when a flow ends.)
-    via_forward = dataclasses.replace(lan_sshd, port=SSH_FWD_PORT)
-    proc = topology.laptop.run(via_forward.ssh_argv("true", addr="127.0.0.1"), check=False)
+    proc = topology.laptop.run(ssh_via_forward(lan_sshd, SSH_FWD_PORT, "true"), check=False)
     assert proc.returncode == 0, proc.stderr
     got = _download(topology.laptop, [f"http://127.0.0.1:{HTTP_FWD_PORT}{lan_nginx.big_path}"])
     assert got[0] == lan_nginx.big_size
 
     def allowed() -> list[dict[str, Any]] | None:
-        page = deployment.service.admin_json("traffic", "list", "--user", "alice", "--limit", "500")
-        rows = [r for r in page["items"] if r["action"] == "allow"]
+        records = traffic_records(deployment.service, "--user", "alice", "--limit", "500")
+        rows = [r for r in records if r["action"] == "allow"]
         ssh = any(r["dest_port"] == 22 for r in rows)
         big = any(r["dest_port"] == 80 and r["bytes_down"] >= lan_nginx.big_size for r in rows)
         return rows if ssh and big else None
 
-    rows = _poll("alice's ssh session and download in the traffic log", allowed)
+    rows = poll("alice's ssh session and download in the traffic log", allowed, timeout=_WAIT)
     # Every allowed flow of alice's, these and those of the tests before, is fully described.
     for r in rows:
         assert r["dest_ip"] == LAN and r["dest_port"] in (22, 80, 5201), r
