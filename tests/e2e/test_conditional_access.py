@@ -23,38 +23,44 @@ alice's client directory, and run in file order.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import secrets
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyotp
 import pytest
 
+from .deployment import (
+    LAN,
+    LAPTOP,
+    add_user,
+    curl,
+    edge_service,
+    enroll_branch_connector,
+    logs,
+    poll,
+    publish_app,
+    secret_file,
+    ssh_via_forward,
+    traffic_records,
+)
 from .limen_procs import (
     ClientProfile,
     LimenConnector,
     LimenProcess,
     LimenService,
-    enroll_connector,
-    limen_pids,
     start_connector,
-    start_service,
 )
-from .netns import Host, Topology, require_root_and_tools
+from .netns import Topology, require_root_and_tools
 from .servers import NginxInfo, SshdInfo
 
 pytestmark = pytest.mark.e2e
 
-LAN = "198.18.3.10"
-LAPTOP = "198.18.1.2"
-EDGE_FOR_LAPTOP = "198.18.1.1"
-EDGE_FOR_BRANCH = "198.18.2.1"
 API_PORT = 9443
 EDGE_PORT = 8443
 # Laptop-local ports of alice's forwards (other modules' forwards are gone by now, but
@@ -63,33 +69,7 @@ WIKI_FWD_PORT = 8181
 FINANCE_FWD_PORT = 2323
 # Bounded waits for asynchronous effects (configuration reloads, traffic-log batches).
 _WAIT = 20.0
-
-
-def _poll(what: str, probe: Callable[[], Any], timeout: float = _WAIT) -> Any:
-    """Call ``probe`` until it returns something truthy; that value. Bounded by ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.2)
-
-
-def _curl(host: Host, *args: str) -> subprocess.CompletedProcess[str]:
-    """curl on ``host``, never through a proxy of the runner's environment."""
-    return host.run(
-        ["curl", "-sS", "--noproxy", "*", "--max-time", "10", *args], check=False, timeout=30
-    )
-
-
-def _secret_file(directory: Path, name: str, text: str) -> Path:
-    """A 0600 file for a secret header: secrets never go on a command line."""
-    path = directory / name
-    path.write_text(text)
-    path.chmod(0o600)
-    return path
+_INTERVAL = 0.2
 
 
 # --- the deployment ---------------------------------------------------------------------------
@@ -108,7 +88,7 @@ class Deployment:
 
     def logs(self) -> str:
         """The end of the service's log, for failure messages."""
-        return f"\n--- service:\n{self.service.process.tail()}"
+        return logs(self.service)
 
     def policy(self, doc: dict[str, Any]) -> dict[str, Any]:
         """``limen admin policy add --file -``; the stored policy."""
@@ -125,24 +105,22 @@ class Deployment:
         """An admin API call made with curl in the service's namespace (for what the admin
         CLI has no command for). The token goes in a header file."""
         svc = self.service
-        header = _secret_file(
+        header = secret_file(
             svc.data_dir, "admin-header", f"Authorization: Bearer {svc.admin_token}\n"
         )
         args = ["-f", "-X", method, "--cacert", str(svc.ca_file), "-H", f"@{header}"]
         if body is not None:
             args += ["-H", "Content-Type: application/json", "-d", json.dumps(body)]
-        proc = _curl(svc.host, *args, f"{svc.api_url}/api/v1{path}")
+        proc = curl(svc.host, *args, f"{svc.api_url}/api/v1{path}")
         assert proc.returncode == 0, (method, path, proc.stderr)
         return json.loads(proc.stdout)
 
     def records(self, app_id: str, action: str | None = None) -> list[dict[str, Any]]:
         """alice's traffic-log records for ``app_id`` (newest first), via the admin CLI."""
-        args = ["traffic", "list", "--user", "alice", "--app", app_id, "--limit", "200"]
+        args = ["--user", "alice", "--app", app_id, "--limit", "200"]
         if action is not None:
             args += ["--action", action]
-        page = self.service.admin_json(*args)
-        items: list[dict[str, Any]] = page["items"]
-        return items
+        return traffic_records(self.service, *args)
 
     def record_for(self, app_id: str, action: str, policy_id: str, after: float) -> dict[str, Any]:
         """Wait (bounded) for a record of ``action`` naming ``policy_id``, newer than
@@ -163,76 +141,40 @@ def deployment(topology: Topology) -> Iterator[Deployment]:
     """``limen serve`` on the edge, alice with wiki and finance, a connector on the branch,
     alice signed in (password only) on the laptop."""
     require_root_and_tools("curl", "ssh")
-    service = start_service(
-        topology.edge,
-        public_host=EDGE_FOR_LAPTOP,
-        extra_san=[EDGE_FOR_BRANCH],
-        api_port=API_PORT,
-        edge_port=EDGE_PORT,
-        settings={
-            "LIMEN_TRAFFIC_LOG_FLUSH_SECONDS": "0.2",
-            "LIMEN_CONFIG_POLL_SECONDS": "0.2",
-        },
-    )
-    connector: LimenConnector | None = None
-    alice: ClientProfile | None = None
-    try:
+    with edge_service(topology, API_PORT, EDGE_PORT) as service, ExitStack() as cleanup:
         password = secrets.token_urlsafe(16)
-        user = service.admin_json("user", "add", "alice", "--password-stdin", input=password)
+        user = add_user(service, "alice", password)
         service.admin_json("connector-group", "add", "branch-office")
         apps = {}
         for name, port in (("wiki", "80"), ("finance", "22")):
-            apps[name] = service.admin_json(
-                "app", "add", name, "--connector-group", "branch-office"
-            )
-            service.admin_json(
-                "segment", "add", name, "--type", "ip", "--destination", LAN, "--ports", port
-            )
+            apps[name] = publish_app(service, name, "branch-office", port)
             service.admin_json("assign", name, user["id"])
-        enrollment = service.admin_json(
-            "connector", "enrollment-token", "--group", "branch-office", "--name", "branch-1"
-        )
-        connector = enroll_connector(
-            topology.branch,
-            service,
-            enrollment["token"],
-            api_addr=EDGE_FOR_BRANCH,
-            edge=service.edge_address(EDGE_FOR_BRANCH),
-        )
+        connector = enroll_branch_connector(topology, service, "branch-office", "branch-1")
+        cleanup.callback(connector.stop)
         start_connector(connector, service)
         alice = ClientProfile.create(topology.laptop, "alice-ca")
+        cleanup.callback(alice.stop)
         alice.login(service, "alice", password)
         yield Deployment(
             service, connector, alice, password, apps["wiki"]["id"], apps["finance"]["id"]
         )
-    finally:
-        if alice is not None:
-            alice.stop()
-        if connector is not None:
-            connector.stop()
-        service.stop()
-        left = {h.name: limen_pids(h) for h in topology}
-        assert not any(left.values()), f"Limen processes left behind: {left}"
 
 
 def _forward(d: Deployment, target: str, port: int) -> LimenProcess:
     return d.alice.forward(target, port)
 
 
-def _stop(d: Deployment, lp: LimenProcess) -> None:
-    lp.stop()
-    d.alice.processes.remove(lp)
+def _poll(what: str, probe: Callable[[], Any]) -> Any:
+    return poll(what, probe, timeout=_WAIT, interval=_INTERVAL)
 
 
 def _wiki(topology: Topology, nginx: NginxInfo) -> subprocess.CompletedProcess[str]:
-    return _curl(topology.laptop, f"http://127.0.0.1:{WIKI_FWD_PORT}{nginx.path}")
+    return curl(topology.laptop, f"http://127.0.0.1:{WIKI_FWD_PORT}{nginx.path}")
 
 
 def _finance(topology: Topology, sshd: SshdInfo) -> subprocess.CompletedProcess[str]:
-    via = dataclasses.replace(sshd, port=FINANCE_FWD_PORT)
-    return topology.laptop.run(
-        via.ssh_argv("echo", "ok", addr="127.0.0.1"), check=False, timeout=30
-    )
+    argv = ssh_via_forward(sshd, FINANCE_FWD_PORT, "echo", "ok")
+    return topology.laptop.run(argv, check=False, timeout=30)
 
 
 # --- the tests, in order ----------------------------------------------------------------------
@@ -272,15 +214,15 @@ def test_mfa_step_up_through_forward(
     assert record["source_ip"] == LAPTOP and record["bytes_up"] == 0
 
     # alice registers an authenticator app herself, with her own bearer token.
-    header = _secret_file(d.alice.directory, "bearer", f"Authorization: Bearer {d.alice.token()}\n")
+    header = secret_file(d.alice.directory, "bearer", f"Authorization: Bearer {d.alice.token()}\n")
     api = d.service.api_url
     common = ["-f", "-X", "POST", "--cacert", str(d.service.ca_file), "-H", f"@{header}"]
-    begin = _curl(topology.laptop, *common, f"{api}/oauth2/mfa/totp")
+    begin = curl(topology.laptop, *common, f"{api}/oauth2/mfa/totp")
     assert begin.returncode == 0, begin.stderr
     enrolment = json.loads(begin.stdout)
     assert enrolment["otpauth_uri"].startswith("otpauth://totp/")
     totp = pyotp.TOTP(enrolment["secret"])
-    confirm = _curl(
+    confirm = curl(
         topology.laptop,
         *common,
         "-H", "Content-Type: application/json",
@@ -291,14 +233,12 @@ def test_mfa_step_up_through_forward(
     assert len(json.loads(confirm.stdout)["recovery_codes"]) > 0
 
     # Sign in with the second factor (the next time step: confirming spent the current one).
-    out = d.alice.run(
-        "login", "--api", api, "--ca-file", str(d.service.ca_file),
-        "--username", "alice", "--password-stdin", "--mfa", "--otp", totp.at(time.time() + 30),
-        input=d.alice_password + "\n",
-    )  # fmt: skip
+    out = d.alice.login(
+        d.service, "alice", d.alice_password, "--mfa", "--otp", totp.at(time.time() + 30)
+    )
     assert out.stdout.startswith("signed in;"), out.stdout + out.stderr
     # A running forward keeps the tokens it started with: start it again on the new sign-in.
-    _stop(d, forward)
+    d.alice.stop_process(forward)
     forward = _forward(d, f"{LAN}:80", WIKI_FWD_PORT)
     proc = _wiki(topology, lan_nginx)
     assert proc.returncode == 0, proc.stderr + forward.tail() + d.logs()
@@ -408,11 +348,7 @@ def test_sign_in_blocked_from_outside_a_named_location(deployment: Deployment) -
             "grant": {"block": True},
         }
     )
-    login = [
-        "login", "--api", d.service.api_url, "--ca-file", str(d.service.ca_file),
-        "--username", "alice", "--password-stdin",
-    ]  # fmt: skip
-    proc = d.alice.run(*login, input=d.alice_password + "\n", check=False)
+    proc = d.alice.login(d.service, "alice", d.alice_password, check=False)
     assert proc.returncode == 1, proc.stdout
     assert proc.stderr.startswith(
         f"error: sign_in_blocked: sign-in from {LAPTOP} refused: "
@@ -423,7 +359,7 @@ def test_sign_in_blocked_from_outside_a_named_location(deployment: Deployment) -
     assert refused and refused[0]["details"]["ip"] == LAPTOP
 
     location = d.service.admin_json("location", "add", "hq", "--cidr", "198.18.1.0/24", "--trusted")
-    proc = d.alice.run(*login, input=d.alice_password + "\n")
+    proc = d.alice.login(d.service, "alice", d.alice_password)
     assert proc.stdout.startswith("signed in;"), proc.stdout + proc.stderr
     d.delete_policy(policy)
     d.service.admin("location", "delete", location["id"])
