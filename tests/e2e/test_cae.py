@@ -18,36 +18,43 @@ namespace is not built here.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import secrets
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from .deployment import (
+    LAN,
+    add_user,
+    curl,
+    edge_proxy_args,
+    edge_service,
+    enroll_branch_connector,
+    poll,
+    proxy_header_file,
+    publish_app,
+    ssh_via_forward,
+)
 from .limen_procs import (
     ClientProfile,
     LimenConnector,
     LimenProcess,
     LimenService,
-    enroll_connector,
-    limen_pids,
     start_connector,
-    start_service,
 )
 from .netns import Host, Topology, _ip, _kill_ns_pids, require_root_and_tools
 from .servers import Iperf3Info, SshdInfo
 
 pytestmark = pytest.mark.e2e
 
-LAN = "198.18.3.10"
-EDGE_FOR_LAPTOP = "198.18.1.1"
-EDGE_FOR_BRANCH = "198.18.2.1"
 # Not the ports of test_private_access's deployment: each module runs its own service.
 API_PORT = 9643
 EDGE_PORT = 8643
@@ -61,15 +68,8 @@ LAPTOP2_ADDR = "198.18.4.2"
 EDGE_FOR_LAPTOP2 = "198.18.4.1"
 
 
-def _poll(what: str, probe: Any, timeout: float = _WAIT, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+def _poll(what: str, probe: Callable[[], Any]) -> Any:
+    return poll(what, probe, timeout=_WAIT, interval=0.05)
 
 
 @dataclass
@@ -83,47 +83,17 @@ class Deployment:
 @pytest.fixture(scope="module")
 def deployment(topology: Topology) -> Iterator[Deployment]:
     require_root_and_tools("curl", "ssh", "iperf3")
-    service = start_service(
-        topology.edge,
-        public_host=EDGE_FOR_LAPTOP,
-        extra_san=[EDGE_FOR_BRANCH],
-        api_port=API_PORT,
-        edge_port=EDGE_PORT,
-        settings={
-            "LIMEN_TRAFFIC_LOG_FLUSH_SECONDS": "0.2",
-            "LIMEN_CONFIG_POLL_SECONDS": "0.2",
-            "LIMEN_CAE_STRICT_IP": "true",
-        },
-    )
-    connector: LimenConnector | None = None
-    try:
+    strict = {"LIMEN_CAE_STRICT_IP": "true"}
+    with edge_service(topology, API_PORT, EDGE_PORT, strict) as service, ExitStack() as cleanup:
         password = secrets.token_urlsafe(16)
-        alice = service.admin_json("user", "add", "alice", "--password-stdin", input=password)
+        alice = add_user(service, "alice", password)
         service.admin_json("connector-group", "add", "branch-cae")
-        service.admin_json("app", "add", "lan-cae", "--connector-group", "branch-cae")
-        service.admin_json(
-            "segment", "add", "lan-cae",
-            "--type", "ip", "--destination", LAN, "--ports", "22,5201",
-        )  # fmt: skip
+        publish_app(service, "lan-cae", "branch-cae", "22,5201")
         service.admin_json("assign", "lan-cae", alice["id"])
-        enrollment = service.admin_json(
-            "connector", "enrollment-token", "--group", "branch-cae", "--name", "branch-cae-1"
-        )
-        connector = enroll_connector(
-            topology.branch,
-            service,
-            enrollment["token"],
-            api_addr=EDGE_FOR_BRANCH,
-            edge=service.edge_address(EDGE_FOR_BRANCH),
-        )
+        connector = enroll_branch_connector(topology, service, "branch-cae", "branch-cae-1")
+        cleanup.callback(connector.stop)
         start_connector(connector, service)
         yield Deployment(service, connector, alice["id"], password)
-    finally:
-        if connector is not None:
-            connector.stop()
-        service.stop()
-        left = {h.name: limen_pids(h) for h in topology}
-        assert not any(left.values()), f"Limen processes left behind: {left}"
 
 
 @dataclass
@@ -148,7 +118,7 @@ def alice(topology: Topology, deployment: Deployment) -> Iterator[Alice]:
 
 
 def _ssh(lan_sshd: SshdInfo, *command: str) -> list[str]:
-    return dataclasses.replace(lan_sshd, port=SSH_FWD_PORT).ssh_argv(*command, addr="127.0.0.1")
+    return ssh_via_forward(lan_sshd, SSH_FWD_PORT, *command)
 
 
 class _ExitClock:
@@ -323,22 +293,13 @@ def laptop2(topology: Topology) -> Iterator[Host]:
 
 
 def _connect_with(
-    host: Host, service: LimenService, token_file: Any
+    host: Host, service: LimenService, token_file: Path
 ) -> subprocess.CompletedProcess[str]:
     """curl's own HTTPS-proxy CONNECT to the LAN ssh port with the token in ``token_file``
     (through the tunnel curl then speaks HTTP to sshd, which fails: only the CONNECT's
     answer matters)."""
-    return host.run(
-        [
-            "curl", "-sS", "--noproxy", "", "-p", "--max-time", "5",
-            "--proxy", f"https://{service.edge_address()}",
-            "--proxy-cacert", str(service.ca_file),
-            "--proxy-header", f"@{token_file}",
-            f"http://{LAN}:22/",
-        ],
-        check=False,
-        timeout=20,
-    )  # fmt: skip
+    proxy = edge_proxy_args(service, token_file)
+    return curl(host, *proxy, f"http://{LAN}:22/", noproxy="", max_time=5, timeout=20)
 
 
 def test_strict_mode_refuses_a_copied_token_on_another_address(
@@ -346,10 +307,7 @@ def test_strict_mode_refuses_a_copied_token_on_another_address(
 ) -> None:
     service = deployment.service
     token = alice.profile.token()
-    stolen = laptop2.tempdir("stolen")
-    header = stolen / "proxy-header"
-    header.write_text(f"Proxy-Authorization: Bearer {token}\n")
-    header.chmod(0o600)
+    header = proxy_header_file(laptop2.tempdir("stolen"), token)
     proc = _connect_with(laptop2, service, header)
     assert "401" in proc.stderr, (proc.returncode, proc.stderr)
 
@@ -360,19 +318,7 @@ def test_strict_mode_refuses_a_copied_token_on_another_address(
     (copy.directory / "client.json").write_text(json.dumps(state))
     try:
         forward = copy.forward(f"{LAN}:22", SSH_FWD_PORT)
-        proc = laptop2.run(
-            [
-                "curl",
-                "-sS",
-                "--noproxy",
-                "*",
-                "--max-time",
-                "3",
-                f"telnet://127.0.0.1:{SSH_FWD_PORT}",
-            ],
-            check=False,
-            timeout=20,
-        )
+        proc = curl(laptop2, f"telnet://127.0.0.1:{SSH_FWD_PORT}", max_time=3, timeout=20)
         assert "SSH-" not in proc.stdout
         _poll(
             "the copy's forward to report the refusal",
@@ -382,8 +328,6 @@ def test_strict_mode_refuses_a_copied_token_on_another_address(
         copy.stop()
 
     # On alice's own laptop the same token still works: the CONNECT is answered 200.
-    own = alice.profile.directory / "proxy-header"
-    own.write_text(f"Proxy-Authorization: Bearer {token}\n")
-    own.chmod(0o600)
+    own = proxy_header_file(alice.profile.directory, token)
     proc = _connect_with(topology.laptop, service, own)
     assert "401" not in proc.stderr and "CONNECT tunnel failed" not in proc.stderr, proc.stderr
