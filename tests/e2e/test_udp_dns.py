@@ -15,32 +15,35 @@ import json
 import re
 import secrets
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
+from .deployment import (
+    LAN,
+    add_user,
+    edge_service,
+    enroll_branch_connector,
+    logs,
+    poll,
+    publish_app,
+    traffic_records,
+)
 from .limen_procs import (
     ClientProfile,
     LimenConnector,
     LimenProcess,
     LimenService,
-    base_env,
-    enroll_connector,
-    limen_pids,
-    spawn,
-    start_service,
+    start_connector,
 )
 from .netns import Topology, require_root_and_tools
 from .servers import DnsmasqInfo, Iperf3Info, SrvRecord, start_dnsmasq
 
 pytestmark = pytest.mark.e2e
 
-LAN = "198.18.3.10"
-EDGE_FOR_LAPTOP = "198.18.1.1"
-EDGE_FOR_BRANCH = "198.18.2.1"
 # Not the ports of test_private_access (its module deployment may still be winding down).
 API_PORT = 9445
 EDGE_PORT = 8445
@@ -48,18 +51,6 @@ ALICE_DNS = 5353
 MALLORY_DNS = 5354
 IPERF_LOCAL = 5211
 _WAIT = 15.0
-
-
-def _poll(what: str, probe: Callable[[], Any], timeout: float = _WAIT) -> Any:
-    """Call ``probe`` until it returns something truthy; that value. Bounded by ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
 
 
 @dataclass
@@ -73,11 +64,7 @@ class Deployment:
     mallory_dns: LimenProcess
 
     def logs(self) -> str:
-        con = self.connector.process.tail() if self.connector.process is not None else ""
-        return (
-            f"\n--- service:\n{self.service.process.tail()}\n--- connector:\n{con}"
-            f"\n--- alice dns:\n{self.alice_dns.tail()}"
-        )
+        return logs(self.service, connector=self.connector.process, alice_dns=self.alice_dns)
 
 
 @pytest.fixture(scope="module")
@@ -89,74 +76,34 @@ def deployment(topology: Topology) -> Iterator[Deployment]:
         txt={"corp.example": "limen-private"},
         srv=[SrvRecord("_ldap._tcp.corp.example", "db.corp.example", 389)],
     )
-    service = start_service(
-        topology.edge,
-        public_host=EDGE_FOR_LAPTOP,
-        extra_san=[EDGE_FOR_BRANCH],
-        api_port=API_PORT,
-        edge_port=EDGE_PORT,
-        settings={
-            "LIMEN_TRAFFIC_LOG_FLUSH_SECONDS": "0.2",
-            "LIMEN_CONFIG_POLL_SECONDS": "0.2",
-        },
-    )
-    connector: LimenConnector | None = None
-    profiles: list[ClientProfile] = []
     try:
-        alice_pw, mallory_pw = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
-        alice = service.admin_json("user", "add", "alice", "--password-stdin", input=alice_pw)
-        service.admin_json("user", "add", "mallory", "--password-stdin", input=mallory_pw)
-        service.admin_json("connector-group", "add", "branch-office")
-        service.admin_json(
-            "app", "add", "corp", "--connector-group", "branch-office",
-            "--dns-suffix", "corp.example",
-        )  # fmt: skip
-        service.admin_json(
-            "segment", "add", "corp", "--type", "ip", "--destination", LAN,
-            "--ports", "5201", "--protocol", "tcp,udp",
-        )  # fmt: skip
-        service.admin_json("assign", "corp", alice["id"])
-        enrollment = service.admin_json(
-            "connector", "enrollment-token", "--group", "branch-office", "--name", "branch-1"
-        )
-        connector = enroll_connector(
-            topology.branch,
-            service,
-            enrollment["token"],
-            api_addr=EDGE_FOR_BRANCH,
-            edge=service.edge_address(EDGE_FOR_BRANCH),
-        )
-        before = service.metric("limen_connectors_connected")
-        connector.process = spawn(
-            topology.branch,
-            ["connector", "run", "--data-dir", str(connector.data_dir),
-             "--dns-server", f"{dnsmasq.addr}:{dnsmasq.port}"],
-            base_env(),
-            connector.data_dir.parent,
-        )  # fmt: skip
-        service.wait_metric("limen_connectors_connected", before + 1)
-        alice_p = ClientProfile.create(topology.laptop, "alice-dns")
-        mallory_p = ClientProfile.create(topology.laptop, "mallory-dns")
-        profiles += [alice_p, mallory_p]
-        alice_p.login(service, "alice", alice_pw)
-        mallory_p.login(service, "mallory", mallory_pw)
-        ready = "DNS stub on 127.0.0.1:{} "
-        alice_dns = alice_p._start(
-            ["dns", "--listen", f"127.0.0.1:{ALICE_DNS}"], ready.format(ALICE_DNS)
-        )
-        mallory_dns = mallory_p._start(
-            ["dns", "--listen", f"127.0.0.1:{MALLORY_DNS}"], ready.format(MALLORY_DNS)
-        )
-        yield Deployment(service, connector, dnsmasq, alice_p, mallory_p, alice_dns, mallory_dns)
+        with edge_service(topology, API_PORT, EDGE_PORT) as service, ExitStack() as cleanup:
+            alice_pw, mallory_pw = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
+            alice = add_user(service, "alice", alice_pw)
+            add_user(service, "mallory", mallory_pw)
+            service.admin_json("connector-group", "add", "branch-office")
+            publish_app(
+                service, "corp", "branch-office", "5201",
+                app_args=["--dns-suffix", "corp.example"],
+                segment_args=["--protocol", "tcp,udp"],
+            )  # fmt: skip
+            service.admin_json("assign", "corp", alice["id"])
+            connector = enroll_branch_connector(topology, service, "branch-office", "branch-1")
+            cleanup.callback(connector.stop)
+            start_connector(connector, service, "--dns-server", f"{dnsmasq.addr}:{dnsmasq.port}")
+            alice_p = ClientProfile.create(topology.laptop, "alice-dns")
+            mallory_p = ClientProfile.create(topology.laptop, "mallory-dns")
+            cleanup.callback(mallory_p.stop)
+            cleanup.callback(alice_p.stop)
+            alice_p.login(service, "alice", alice_pw)
+            mallory_p.login(service, "mallory", mallory_pw)
+            alice_dns = alice_p.dns(ALICE_DNS)
+            mallory_dns = mallory_p.dns(MALLORY_DNS)
+            yield Deployment(
+                service, connector, dnsmasq, alice_p, mallory_p, alice_dns, mallory_dns
+            )
     finally:
-        for p in profiles:
-            p.stop()
-        if connector is not None:
-            connector.stop()
-        service.stop()
         topology.lan.stop(dnsmasq.proc)
-        left = {h.name: limen_pids(h) for h in topology}
-        assert not any(left.values()), f"Limen processes left behind: {left}"
 
 
 def _dig(topology: Topology, port: int, *args: str) -> subprocess.CompletedProcess[str]:
@@ -204,11 +151,11 @@ def test_public_name_is_not_sent_through_the_tunnel(
     _dig(topology, ALICE_DNS, "www.example.com", "A")
 
     def records() -> list[dict[str, Any]] | None:
-        page = deployment.service.admin_json("traffic", "list", "--user", "alice", "--limit", "500")
-        rows = [r for r in page["items"] if r["transport"] == "dns"]
+        records = traffic_records(deployment.service, "--user", "alice", "--limit", "500")
+        rows = [r for r in records if r["transport"] == "dns"]
         return rows if len(rows) >= 5 else None
 
-    rows = _poll("alice's DNS queries in the traffic log", records)
+    rows = poll("alice's DNS queries in the traffic log", records, timeout=_WAIT)
     assert all(r["dest_host"].endswith("corp.example") for r in rows), rows
     assert not any(r["dest_host"].endswith("example.com") for r in rows)
     assert "www.example.com" not in deployment.dnsmasq.log.read_text()
@@ -220,10 +167,10 @@ def test_unassigned_user_is_refused(topology: Topology, deployment: Deployment) 
     assert LAN not in proc.stdout
 
     def blocked() -> list[dict[str, Any]]:
-        page = deployment.service.admin_json("traffic", "list", "--user", "mallory")
-        return [r for r in page["items"] if r["transport"] == "dns"]
+        records = traffic_records(deployment.service, "--user", "mallory")
+        return [r for r in records if r["transport"] == "dns"]
 
-    rows = _poll("mallory's refused query in the traffic log", blocked)
+    rows = poll("mallory's refused query in the traffic log", blocked, timeout=_WAIT)
     assert {(r["action"], r["code"]) for r in rows} == {("block", "not_assigned")}
 
 
@@ -234,10 +181,7 @@ def test_iperf3_udp_through_a_udp_forward(
     # a TCP forward and a UDP forward on one local port number.
     alice = deployment.alice
     alice.forward(f"{LAN}:5201", IPERF_LOCAL)
-    alice._start(
-        ["forward", "--udp", f"{LAN}:5201", "--listen", f"127.0.0.1:{IPERF_LOCAL}"],
-        f"forwarding udp 127.0.0.1:{IPERF_LOCAL} ",
-    )
+    alice.forward_udp(f"{LAN}:5201", IPERF_LOCAL)
     argv = ["iperf3", "-c", "127.0.0.1", "-p", str(IPERF_LOCAL),
             "-u", "-b", "20M", "-t", "2", "-l", "1400", "-J"]  # fmt: skip
     proc = topology.laptop.run(argv, check=False, timeout=30)
@@ -252,11 +196,11 @@ def test_iperf3_udp_through_a_udp_forward(
     assert lost < 1.0
 
     def logged() -> list[dict[str, Any]] | None:
-        page = deployment.service.admin_json("traffic", "list", "--user", "alice", "--limit", "500")
-        rows = [r for r in page["items"] if r["transport"] == "udp" and r["dest_port"] == 5201]
+        records = traffic_records(deployment.service, "--user", "alice", "--limit", "500")
+        rows = [r for r in records if r["transport"] == "udp" and r["dest_port"] == 5201]
         return rows or None
 
     alice.stop()  # ends the flows: records are written when a flow ends
-    rows = _poll("the UDP flow in the traffic log", logged)
+    rows = poll("the UDP flow in the traffic log", logged, timeout=_WAIT)
     assert max(r["datagrams_up"] for r in rows) > 1000
     assert all(r["action"] == "allow" for r in rows)
