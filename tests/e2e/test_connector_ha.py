@@ -15,29 +15,30 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .limen_procs import (
-    ClientProfile,
-    LimenConnector,
-    LimenService,
-    base_env,
-    enroll_connector,
-    spawn,
-    start_service,
+from .deployment import (
+    EDGE_FOR_BRANCH,
+    LAN,
+    add_user,
+    curl,
+    edge_service,
+    enroll_branch_connector,
+    poll,
+    publish_app,
+    traffic_records,
 )
+from .limen_procs import ClientProfile, LimenConnector, LimenService, spawn_connector
 from .netns import Host, Topology, require_root_and_tools
 from .servers import NginxInfo
 
 pytestmark = pytest.mark.e2e
 
-LAN = "198.18.3.10"
-EDGE_FOR_LAPTOP = "198.18.1.1"
-EDGE_FOR_BRANCH = "198.18.2.1"
 #: Extra addresses of the branch on its LAN side, one per connector.
 SOURCES = ["198.18.3.21", "198.18.3.22", "198.18.3.23"]
 HTTP_FWD_PORT = 18080
@@ -47,14 +48,7 @@ _WAIT = 20.0
 
 
 def _poll(what: str, probe: Callable[[], Any], timeout: float = _WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
+    return poll(what, probe, timeout=timeout, interval=0.05)
 
 
 def _lan_ifname(branch: Host) -> str:
@@ -79,16 +73,16 @@ class Ha:
         return result
 
     def curl(self) -> bool:
-        proc = self.profile.host.run(
-            ["curl", "-sS", "--noproxy", "*", "--max-time", "5", "-o", "/dev/null",
-             "-w", "%{http_code}", f"http://127.0.0.1:{HTTP_FWD_PORT}/"],
-            check=False, timeout=15,
+        proc = curl(
+            self.profile.host,
+            "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{HTTP_FWD_PORT}/",
+            max_time=5, timeout=15,
         )  # fmt: skip
         return proc.returncode == 0 and proc.stdout.strip() == "200"
 
     def records(self, since: float) -> list[dict[str, Any]]:
-        page = self.service.admin_json("traffic", "list", "--limit", "1000")
-        return [r for r in page["items"] if r["started_at"] >= since]
+        records = traffic_records(self.service, "--limit", "1000")
+        return [r for r in records if r["started_at"] >= since]
 
 
 def _at_least(ha: Ha, since: float, n: int) -> list[dict[str, Any]]:
@@ -102,15 +96,6 @@ def _at_least(ha: Ha, since: float, n: int) -> list[dict[str, Any]]:
     return result
 
 
-def _start(connector: LimenConnector, *args: str) -> None:
-    connector.process = spawn(
-        connector.host,
-        ["connector", "run", "--data-dir", str(connector.data_dir), *args],
-        base_env(),
-        connector.data_dir.parent,
-    )
-
-
 @pytest.fixture(scope="module")
 def ha(topology: Topology, lan_nginx: NginxInfo) -> Iterator[Ha]:
     require_root_and_tools("curl", "nft", "tinyproxy")
@@ -118,52 +103,35 @@ def ha(topology: Topology, lan_nginx: NginxInfo) -> Iterator[Ha]:
     ifname = _lan_ifname(branch)
     for addr in SOURCES:
         branch.run(["ip", "addr", "add", f"{addr}/24", "dev", ifname])
-    service = start_service(
-        topology.edge,
-        public_host=EDGE_FOR_LAPTOP,
-        extra_san=[EDGE_FOR_BRANCH],
-        api_port=9443,
-        edge_port=8443,
-        settings={
-            "LIMEN_TRAFFIC_LOG_FLUSH_SECONDS": "0.2",
-            "LIMEN_CONFIG_POLL_SECONDS": "0.2",
-        },
-    )
-    connectors: list[LimenConnector] = []
-    profile = ClientProfile.create(topology.laptop, "ha")
     try:
-        service.admin_json("user", "add", "alice", "--password-stdin", input="ha-pass-1234")
-        service.admin_json("connector-group", "add", "branch-ha")
-        app = service.admin_json("app", "add", "lan-web", "--connector-group", "branch-ha")
-        service.admin_json(
-            "segment", "add", "lan-web", "--type", "ip", "--destination", LAN, "--ports", "80"
-        )
-        alice = service.admin_json("user", "show", "alice")
-        service.admin_json("assign", "lan-web", alice["id"])
-        for i, source in enumerate(SOURCES):
-            token = service.admin_json(
-                "connector", "enrollment-token", "--group", "branch-ha", "--name", f"ha-{i}"
-            )["token"]
-            connector = enroll_connector(
-                branch, service, token, EDGE_FOR_BRANCH, service.edge_address(EDGE_FOR_BRANCH)
+        with (
+            edge_service(topology, 9443, 8443, check_leftovers=False) as service,
+            ExitStack() as cleanup,
+        ):
+            add_user(service, "alice", "ha-pass-1234")
+            service.admin_json("connector-group", "add", "branch-ha")
+            app = publish_app(service, "lan-web", "branch-ha", "80")
+            alice = service.admin_json("user", "show", "alice")
+            service.admin_json("assign", "lan-web", alice["id"])
+            connectors: list[LimenConnector] = []
+            for i, source in enumerate(SOURCES):
+                connector = enroll_branch_connector(topology, service, "branch-ha", f"ha-{i}")
+                cleanup.callback(connector.stop)
+                spawn_connector(connector, "--dial-source", source)
+                connectors.append(connector)
+            ids = [c.connector_id for c in connectors]
+            _poll(
+                "three healthy connectors",
+                lambda: all(
+                    service.admin_json("connector", "show", i)["health"] == "healthy" for i in ids
+                ),
             )
-            _start(connector, "--dial-source", source)
-            connectors.append(connector)
-        ids = [c.connector_id for c in connectors]
-        _poll(
-            "three healthy connectors",
-            lambda: all(
-                service.admin_json("connector", "show", i)["health"] == "healthy" for i in ids
-            ),
-        )
-        profile.login(service, "alice", "ha-pass-1234")
-        profile.forward(f"{LAN}:80", HTTP_FWD_PORT)
-        yield Ha(service, connectors, profile, lan_nginx, app["id"])
+            profile = ClientProfile.create(topology.laptop, "ha")
+            cleanup.callback(profile.stop)
+            profile.login(service, "alice", "ha-pass-1234")
+            profile.forward(f"{LAN}:80", HTTP_FWD_PORT)
+            yield Ha(service, connectors, profile, lan_nginx, app["id"])
     finally:
-        profile.stop()
-        for connector in connectors:
-            connector.stop()
-        service.stop()
         branch.run(["nft", "delete", "table", "inet", "limenha"], check=False)
         for addr in SOURCES:
             branch.run(["ip", "addr", "del", f"{addr}/24", "dev", ifname], check=False)
@@ -249,7 +217,7 @@ def test_sigkill_one_connector_while_flows_run(ha: Ha) -> None:
         r["connector_id"] != victim.connector_id for r in rows if r["started_at"] > killed + BOUND
     )
     # Restart it: it is used again.
-    _start(victim, "--dial-source", SOURCES[0])
+    spawn_connector(victim, "--dial-source", SOURCES[0])
     _poll(
         "restarted connector healthy", lambda: ha.status(victim.connector_id)["health"] == "healthy"
     )
@@ -272,14 +240,9 @@ def test_connector_through_tinyproxy_and_sigterm_drain(ha: Ha, topology: Topolog
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     branch.wait_port("127.0.0.1", PROXY_PORT)
     try:
-        token = ha.service.admin_json(
-            "connector", "enrollment-token", "--group", "branch-ha", "--name", "ha-proxied"
-        )["token"]
-        proxied = enroll_connector(
-            branch, ha.service, token, EDGE_FOR_BRANCH, ha.service.edge_address(EDGE_FOR_BRANCH)
-        )
+        proxied = enroll_branch_connector(topology, ha.service, "branch-ha", "ha-proxied")
         ha.extra.append(proxied)
-        _start(proxied, "--proxy", f"http://127.0.0.1:{PROXY_PORT}")
+        spawn_connector(proxied, "--proxy", f"http://127.0.0.1:{PROXY_PORT}")
         _poll(
             "the proxied connector connected",
             lambda: ha.status(proxied.connector_id)["connections"] == 2,
