@@ -345,13 +345,16 @@ class MuxConnection(asyncio.Protocol):
         if self.session.has_output() and self.transport is not None:
             self.transport.write(self.session.data_to_send())
 
-    def open_stream(self) -> MuxStream:
+    def open_stream(self, *, flush: bool = True) -> MuxStream:
+        """Open a stream. ``flush=False`` leaves the SYN queued for the caller's first write,
+        so SYN and flow head leave in one TLS record."""
         if not self.is_open:
             raise ConnectionError(f"{self.name}: connection is not open")
         stream_id = self.session.open_stream()
         stream = MuxStream(self, stream_id)
         self.streams[stream_id] = stream
-        self.flush()
+        if flush:
+            self.flush()
         return stream
 
     def go_away(self) -> None:
@@ -441,7 +444,7 @@ async def open_flow(
 ) -> tuple[MuxStream, FlowResponse]:
     """Open a stream, send a flow head, and wait for the response head. On a refusal the
     stream is already finished; the caller reads ``response.error()``."""
-    stream = conn.open_stream()
+    stream = conn.open_stream(flush=False)
     collector = _HeadCollector(stream, protocol)
     stream.attach(collector)
     stream.write(head)
