@@ -139,6 +139,10 @@ def lab(topology: Topology, branch_resolv: Path, laptop_resolv: Path) -> Iterato
             "segment", "add", "corp", "--type", "dns_suffix", "--destination", "corp.example",
             "--ports", "22,80",
         )  # fmt: skip
+        service.admin_json(
+            "segment", "add", "corp", "--type", "ip", "--destination", LAN,
+            "--ports", "53", "--protocol", "udp",
+        )  # fmt: skip
         service.admin_json("assign", "corp", alice["id"])
         enrollment = service.admin_json(
             "connector", "enrollment-token", "--group", "branch-office", "--name", "branch-1"
@@ -261,6 +265,24 @@ def test_the_traffic_log_records_the_name(lab: Lab, client: Client) -> None:
         lambda: [r for r in lab.records(80) + lab.records(22) if r["dest_host"] == NAME],
     )
     assert {r["dest_port"] for r in rows} <= {22, 80}
+    assert all(r["action"] == "allow" for r in rows), rows
+
+
+def test_udp_to_a_tunneled_address_is_captured(
+    topology: Topology, lab: Lab, client: Client
+) -> None:
+    # dig straight at the LAN's dnsmasq (UDP 53): the laptop has no path to the LAN, so an
+    # answer came through Limen (tproxy → connect-udp → connector).
+    assert client.status()["capture"]["udp_listen"]
+    dig = topology.laptop.run(
+        ["dig", "+short", "+time=3", "+tries=2", f"@{LAN}", NAME, "A"], check=False, timeout=30
+    )
+    assert dig.returncode == 0 and dig.stdout.split() == [LAN], dig.stdout + client.logs()
+    rows = _poll(
+        "the UDP flow in the traffic log",
+        lambda: [r for r in lab.records(53) if r["dest_host"] == "" and r["transport"] == "udp"],
+        timeout=30.0,  # a UDP flow's record is written when it ends (5 s idle for port 53)
+    )
     assert all(r["action"] == "allow" for r in rows), rows
 
 

@@ -264,3 +264,67 @@ def test_a_crashed_takeover_is_recovered_by_the_next_start(tmp_path: Path) -> No
     assert again.saved.read_bytes() == ORIGINAL
     assert ResolvConf(tmp_path, conf).recover() is True
     assert conf.read_bytes() == ORIGINAL
+
+
+# --- UDP capture (tproxy) -------------------------------------------------------------------------
+
+
+def _udp_profile() -> ForwardingProfile:
+    def udp(ident: str, dest: str, ports: str, **kw: object) -> ForwardingRule:
+        return ForwardingRule(
+            id=ident,
+            priority=int(kw.pop("priority", 100)),  # type: ignore[call-overload]
+            dest_type="ip" if "/" not in dest else "cidr",
+            destination=dest,
+            ports=ports,
+            protocol=str(kw.pop("protocol", "udp")),
+            action=kw.pop("action", Action.TUNNEL),  # type: ignore[arg-type]
+            hardening=str(kw.pop("hardening", "block")),
+        )
+
+    return build_profile(
+        [
+            udp("byp", "198.18.3.20", "53", action=Action.BYPASS, priority=90),
+            udp("dns", "198.18.3.10", "53", priority=100),
+            udp("both", "198.18.3.0/24", "5201", protocol="tcp,udp", priority=110),
+            udp("pass", "198.18.4.1", "9", priority=120, hardening="pass"),
+            udp("v6", "2001:db8::1", "53", priority=130),
+        ],
+        version=1,
+        enabled=True,
+    )
+
+
+def test_udp_rules_mark_for_tproxy_when_active() -> None:
+    script = render_ruleset(
+        _udp_profile(), state=CaptureState.ACTIVE, listen_ports={4: 4000}, udp_port=5000
+    )
+    route = script[script.index("chain udp_route") : script.index("chain udp_tproxy")]
+    assert "type route hook output priority mangle" in route
+    assert "meta mark 0x4c4d0001 return" in route  # the client's own sockets are never marked
+    lines = [line.strip() for line in route.splitlines() if "comment" in line]
+    assert lines[0].startswith("ip daddr 198.18.3.20 udp dport 53 return")
+    assert lines[1].startswith("ip daddr 198.18.3.10 udp dport 53 meta mark set 0x4c4d0002")
+    assert lines[2].startswith("ip daddr 198.18.3.0/24 udp dport 5201 meta mark set 0x4c4d0002")
+    assert "2001:db8" not in script  # IPv4 only
+    tproxy = script[script.index("chain udp_tproxy") :]
+    assert "meta mark 0x4c4d0002 meta l4proto udp tproxy ip to 127.0.0.1:5000" in tproxy
+    # The tcp,udp rule is captured for TCP too; udp-only rules are not.
+    assert "ip daddr 198.18.3.0/24 tcp dport 5201 redirect to :4000" in script
+    assert "tcp dport 53" not in script
+
+
+def test_udp_hardening_with_the_edge_down_and_no_udp_chains_without_a_listener() -> None:
+    down = render_ruleset(
+        _udp_profile(), state=CaptureState.EDGE_DOWN, listen_ports={4: 4000}, udp_port=5000
+    )
+    assert "mark set 0x4c4d0002" not in down
+    assert "ip daddr 198.18.3.10 udp dport 53 reject" in down
+    assert "198.18.4.1" not in down  # hardening "pass": straight to the network
+    paused = render_ruleset(
+        _udp_profile(), state=CaptureState.PAUSED, listen_ports={4: 4000}, udp_port=5000
+    )
+    assert "mark set" not in paused and "reject" not in paused
+    assert "udp_route" not in render_ruleset(
+        _udp_profile(), state=CaptureState.ACTIVE, listen_ports={4: 4000}
+    )

@@ -64,12 +64,15 @@ from limen.client.resolvconf import (
     uses_resolved,
 )
 from limen.client.transparent import (
+    SOCKET_MARK,
     CaptureState,
     NftTable,
+    PolicyRoute,
     TransparentListener,
     render_ruleset,
 )
 from limen.client.tunnel import EdgeSession, FlowRefused
+from limen.client.udp import TransparentUdp
 from limen.errors import AuthError, ConfigError, LimenError, RemoteProtocolError
 from limen.net.resolver import DnsResolver, Upstream
 from limen.net.tasks import spawn
@@ -112,6 +115,8 @@ def undo_stale_resolver(client_dir: Path, resolv_conf: Path = RESOLV_CONF) -> li
         done.append(f"restored {resolv_conf}")
     if ResolvedLink().recover():
         done.append("removed the systemd-resolved link limen0")
+    if PolicyRoute().remove():
+        done.append("removed the UDP capture routing rule")
     return done
 
 
@@ -225,6 +230,8 @@ class ClientDaemon:
         self.resolv = ResolvConf(self.client_dir, resolv_conf)
         self.resolved: ResolvedLink | None = None
         self.dns_mode = "off"
+        self.udp: TransparentUdp | None = None
+        self.policy_route: PolicyRoute | None = None
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -261,6 +268,7 @@ class ClientDaemon:
                 synthetic=self.synthetic if self.dns_enabled else None,
             )
             await self.listener.start(self.listen_port)
+            await self._start_udp()
         if self.dns_enabled:
             await self._start_dns()
         await self._probe_edge()
@@ -300,12 +308,16 @@ class ClientDaemon:
         # the rules and the resolver change are gone.
         if self.listener is not None:
             self.listener.close()
+        if self.udp is not None:
+            self.udp.close()
         self._stop_dns()
         if self.capture and self.nft is not None:
             try:
                 self.nft.delete()
             except LimenError as exc:
                 log.error("could not remove the nftables table: %s", exc.message)
+        if self.policy_route is not None:
+            self.policy_route.remove()
         if self._control is not None:
             self._control.close()
             self._control = None
@@ -350,6 +362,37 @@ class ClientDaemon:
                 if addr not in out:
                     out.append(addr)
         return out
+
+    # --- UDP -----------------------------------------------------------------------------------
+
+    async def _start_udp(self) -> None:
+        """The tproxy listener and its routing rule (a stale rule is replaced)."""
+        assert self.session is not None
+        route = PolicyRoute()
+        try:
+            await asyncio.to_thread(route.install)
+        except (LimenError, OSError) as exc:
+            log.warning("no transparent UDP capture: %s", exc)
+            return
+        self.policy_route = route
+        udp = TransparentUdp(
+            self.session,
+            profile=lambda: self.profile,
+            tunnel_allowed=self._udp_allowed,
+            mark=SOCKET_MARK,
+        )
+        try:
+            udp.start()
+        except OSError as exc:
+            log.warning("no transparent UDP capture: %s", exc)
+            return
+        self.udp = udp
+
+    def _udp_allowed(self, host: str, port: int) -> bool:
+        rule = self.profile.match(host, port, "udp").rule
+        return (
+            rule is not None and rule.action is Action.TUNNEL and self.edge_up and not self.paused
+        )
 
     # --- the DNS stub -------------------------------------------------------------------------
 
@@ -429,6 +472,7 @@ class ClientDaemon:
                 excludes=self.excludes,
                 owner=f"limen client pid {os.getpid()}",
                 synthetic=str(self.synthetic.network) if self.stub is not None else None,
+                udp_port=self.udp.port if self.udp is not None else None,
             )
             if self.resolved is not None:
                 await asyncio.to_thread(self.resolved.set_domains, self._routing_domains())
@@ -709,6 +753,7 @@ class ClientDaemon:
                 "state": self.capture_state.value,
                 "table": "inet limen" if self.capture else "",
                 "listen": self.listener.ports if self.listener is not None else {},
+                "udp_listen": self.udp.port if self.udp is not None else 0,
             },
             "tunnels": {
                 "connections": len(conns),

@@ -62,6 +62,11 @@ TABLE_FAMILY = "inet"
 TABLE_NAME = "limen"
 #: ``SO_MARK`` value on sockets the client dials directly ("LM" + 1); the chains skip it.
 SOCKET_MARK = 0x4C4D0001
+#: Mark on captured UDP packets: a policy-routing rule sends them to the local table, where
+#: the ``tproxy`` rule hands them to the UDP listener (IPv4 only).
+UDP_MARK = 0x4C4D0002
+#: The routing table holding ``local 0.0.0.0/0 dev lo`` for marked packets ("LM" = 19533).
+ROUTE_TABLE = 0x4C4D
 #: ``SO_ORIGINAL_DST`` (linux/netfilter_ipv4.h) and ``IP6T_SO_ORIGINAL_DST``: both 80.
 SO_ORIGINAL_DST = 80
 _SOL_IPV6 = 41
@@ -123,6 +128,7 @@ def render_ruleset(
     mark: int = SOCKET_MARK,
     owner: str = "",
     synthetic: str | None = None,
+    udp_port: int | None = None,
 ) -> str:
     """The ``nft -f`` script that makes the table match ``profile`` in ``state``.
 
@@ -134,7 +140,12 @@ def render_ruleset(
     it on the ports of a tunnel name rule are redirected to the listener whether the edge is
     up or not — the kernel cannot tell which name an address stands for, so the listener
     (which can) applies the hardening: a reset for ``block``, a direct connection to the
-    real name for ``pass``."""
+    real name for ``pass``.
+
+    ``udp_port`` is the transparent UDP listener's port on 127.0.0.1: UDP to IPv4 tunnel rules
+    is marked with :data:`UDP_MARK` in a route chain (so it is routed to ``lo`` by the rule
+    :class:`PolicyRoute` installs) and handed to the listener by ``tproxy`` in prerouting.
+    With the edge down a ``block`` UDP rule rejects, a ``pass`` one is left out."""
     excludes = list(excludes)
     nat: list[str] = []
     harden: list[str] = []
@@ -164,6 +175,20 @@ def render_ruleset(
                 nat.append(f"{match} redirect to :{listen_ports[version]} {note}")
         elif rule.hardening == "block":
             harden.append(f"{match} reject with tcp reset {note}")
+    udp_mark: list[str] = []
+    udp_rules = profile.ip_rules("udp") if state is not CaptureState.PAUSED else []
+    for rule in udp_rules:
+        if rule.parsed.ip_version != 4 or udp_port is None:
+            continue
+        match = f"ip daddr {rule.destination} udp dport {_ports_expr(rule)}"
+        note = _comment(f"{rule.id} udp {rule.action.value} {rule.app_name}".strip())
+        if rule.action is Action.BYPASS:
+            udp_mark.append(f"{match} return {note}")
+            harden.append(f"{match} return {note}")
+        elif state is CaptureState.ACTIVE:
+            udp_mark.append(f"{match} meta mark set {UDP_MARK:#x} {note}")
+        elif rule.hardening == "block":
+            harden.append(f"{match} reject {note}")
     head = _exclusions(excludes, mark)
     out = [
         f"table {TABLE_FAMILY} {TABLE_NAME}",
@@ -181,8 +206,19 @@ def render_ruleset(
         "\t\ttype filter hook output priority 0; policy accept;",
         *(f"\t\t{line}" for line in head + harden),
         "\t}",
-        "}",
     ]
+    if udp_port is not None:
+        out += [
+            "\tchain udp_route {",
+            "\t\ttype route hook output priority mangle; policy accept;",
+            *(f"\t\t{line}" for line in head + udp_mark),
+            "\t}",
+            "\tchain udp_tproxy {",
+            "\t\ttype filter hook prerouting priority mangle; policy accept;",
+            f"\t\tmeta mark {UDP_MARK:#x} meta l4proto udp tproxy ip to 127.0.0.1:{udp_port}",
+            "\t}",
+        ]
+    out.append("}")
     return "\n".join(out) + "\n"
 
 
@@ -251,6 +287,43 @@ class NftTable:
         if proc.returncode != 0 and self.exists():
             raise ConfigError(f"nft could not delete the table: {proc.stderr.strip()}")
         return True
+
+
+class PolicyRoute:
+    """The routing rule that delivers UDP marked :data:`UDP_MARK` locally (for ``tproxy``):
+    ``ip rule fwmark UDP_MARK lookup ROUTE_TABLE`` and ``local 0.0.0.0/0 dev lo`` in that
+    table. Blocking: call from a worker thread."""
+
+    def __init__(self, ip: str | None = None) -> None:
+        self.ip = ip or shutil.which("ip") or "/usr/sbin/ip"
+
+    def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [self.ip, *args], capture_output=True, text=True, timeout=NFT_TIMEOUT, check=False
+        )
+
+    def install(self) -> None:
+        self.remove()
+        for args in (
+            ("rule", "add", "fwmark", f"{UDP_MARK:#x}", "lookup", str(ROUTE_TABLE)),
+            ("route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", str(ROUTE_TABLE)),
+        ):
+            proc = self._run(*args)
+            if proc.returncode != 0:
+                raise ConfigError(
+                    f"ip {' '.join(args)}: {proc.stderr.strip()}", code="policy_route_failed"
+                )
+
+    def remove(self) -> bool:
+        """Remove the rule and the table's routes; True if there was a rule."""
+        found = False
+        for _ in range(16):  # one rule normally; a few if earlier runs crashed mid-way
+            proc = self._run("rule", "del", "fwmark", f"{UDP_MARK:#x}", "lookup", str(ROUTE_TABLE))
+            if proc.returncode != 0:
+                break
+            found = True
+        self._run("route", "flush", "table", str(ROUTE_TABLE))
+        return found
 
 
 # --- original destination ---------------------------------------------------------------------
@@ -558,10 +631,12 @@ class TransparentListener:
 __all__ = [
     "SOCKET_MARK",
     "TABLE_NAME",
+    "UDP_MARK",
     "CaptureState",
     "FlowTable",
     "LiveFlow",
     "NftTable",
+    "PolicyRoute",
     "TransparentListener",
     "has_net_admin",
     "original_dst",

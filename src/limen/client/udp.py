@@ -15,7 +15,11 @@ connector, which then finishes the stream). Nothing here queues without bound:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import logging
+import socket
+import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -32,6 +36,7 @@ from limen.wire.socks5 import (
 )
 
 if TYPE_CHECKING:
+    from limen.client.forwarding import ForwardingProfile
     from limen.client.tunnel import EdgeSession, FlowRefused
 
 log = logging.getLogger(__name__)
@@ -184,6 +189,151 @@ class UdpForward:
             flow.close()
         if self.sock is not None:
             self.sock.close()
+
+
+#: Linux socket options (linux/in.h) the socket module does not name.
+IP_TRANSPARENT = 19
+IP_RECVORIGDSTADDR = 20
+IP_ORIGDSTADDR = 20
+#: Datagrams read per wake-up before yielding to the loop.
+READ_BATCH = 64
+_MAX_DATAGRAM = 65535
+
+
+def _origdst(ancillary: list[tuple[int, int, bytes]]) -> tuple[str, int] | None:
+    for level, kind, data in ancillary:
+        if level == socket.SOL_IP and kind == IP_ORIGDSTADDR and len(data) >= 8:
+            # struct sockaddr_in: family, port (network order), address
+            port = struct.unpack_from("!H", data, 2)[0]
+            return str(ipaddress.IPv4Address(data[4:8])), port
+    return None
+
+
+class TransparentUdp:
+    """``limen client up``'s UDP capture: datagrams the packet filter hands over with
+    ``tproxy`` (IPv4), one flow per (source, original destination); answers are sent from the
+    original destination's address (``IP_TRANSPARENT``) so the application sees its peer."""
+
+    def __init__(
+        self,
+        session: EdgeSession,
+        *,
+        profile: Callable[[], ForwardingProfile],
+        tunnel_allowed: Callable[[str, int], bool],
+        mark: int,
+        settings: UdpSettings | None = None,
+        max_flows: int = MAX_FLOWS,
+    ) -> None:
+        self.session = session
+        self.profile = profile
+        #: Whether a flow to (host, port) goes through the edge now (the daemon's decision).
+        self.tunnel_allowed = tunnel_allowed
+        self.mark = mark
+        self.settings = settings or UdpSettings()
+        self.max_flows = max_flows
+        self.sock: socket.socket | None = None
+        self.flows: dict[tuple[Address, Address], ClientUdpFlow] = {}
+        self._replies: dict[tuple[Address, Address], socket.socket] = {}
+        self.dropped = 0
+        self.port = 0
+
+    def start(self, port: int = 0) -> int:
+        """Bind the tproxy socket on 127.0.0.1; its port."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            sock.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
+            sock.bind(("127.0.0.1", port))
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
+        self.sock = sock
+        self.port = sock.getsockname()[1]
+        return self.port
+
+    def close(self) -> None:
+        for flow in list(self.flows.values()):
+            flow.close()
+        for reply in self._replies.values():
+            reply.close()
+        self._replies.clear()
+        if self.sock is not None:
+            with contextlib.suppress(RuntimeError):  # the loop may be closing already
+                asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+
+    def _readable(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        for _ in range(READ_BATCH):
+            try:
+                data, ancillary, _flags, src = sock.recvmsg(_MAX_DATAGRAM, socket.CMSG_SPACE(16))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.info("transparent udp: %s", exc)
+                return
+            dst = _origdst(ancillary)
+            if dst is None:
+                self.dropped += 1  # sent to the listener directly: nothing to carry
+                continue
+            self._on_datagram(data, src, dst)
+
+    def _on_datagram(self, data: bytes, src: Address, dst: tuple[str, int]) -> None:
+        key = (src, dst)
+        flow = self.flows.get(key)
+        if flow is None:
+            host, port = dst
+            if len(self.flows) >= self.max_flows or not self.tunnel_allowed(host, port):
+                # Not ours any more (a profile change or the edge lost since the packet
+                # filter marked it): drop, as the network would.
+                self.dropped += 1
+                return
+            try:
+                reply = self._reply_socket(dst)
+            except OSError as exc:
+                log.warning("transparent udp: cannot answer from %s:%s: %s", host, port, exc)
+                self.dropped += 1
+                return
+            self._replies[key] = reply
+
+            def deliver(payload: bytes) -> None:
+                with contextlib.suppress(BlockingIOError, InterruptedError, OSError):
+                    reply.sendto(payload, src)  # a full buffer drops, as UDP does
+
+            flow = ClientUdpFlow(
+                self.session, host, port, deliver, self.settings, _log_refusal,
+                lambda f: self._forget(key, f),
+            )  # fmt: skip
+            self.flows[key] = flow
+            spawn(flow.run(), name=f"transparent udp {src[0]}:{src[1]} to {host}:{port}")
+        flow.send(data)
+
+    def _reply_socket(self, dst: tuple[str, int]) -> socket.socket:
+        # Bound to the original destination (not a local address: IP_TRANSPARENT) and marked
+        # so the packet filter does not capture the answer again.
+        reply = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            reply.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            reply.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            reply.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.mark)
+            reply.bind(dst)
+            reply.setblocking(False)
+        except OSError:
+            reply.close()
+            raise
+        return reply
+
+    def _forget(self, key: tuple[Address, Address], flow: ClientUdpFlow) -> None:
+        if self.flows.get(key) is flow:
+            del self.flows[key]
+            reply = self._replies.pop(key, None)
+            if reply is not None:
+                reply.close()
 
 
 def _log_refusal(target: str, exc: FlowRefused) -> None:
