@@ -224,3 +224,61 @@ class Transmitter:
             return {"sets": dict(self.pending), "moreAvailable": False}
 
         return app
+
+
+# --- as a process (the end-to-end tests run it inside the edge namespace) ---------------------
+
+
+def control_app(transmitter: Transmitter) -> FastAPI:
+    """The transmitter's app plus test controls: ``POST /test/emit`` signs a SET and delivers
+    it (push: after the receiver's answer; poll: queued), answering with its jti and the
+    ``time.monotonic()`` at which the delivery returned; ``GET /test/state`` says whether the
+    stream exists, how often the receiver polled and which SETs it acknowledged."""
+    app = transmitter.app()
+
+    @app.post("/test/emit")
+    async def emit(request: Request) -> dict[str, Any]:
+        body = await request.json()
+        token, jti = transmitter.make_set(
+            str(body.get("event_type", ev.SESSION_REVOKED)),
+            {"event_timestamp": time.time(), "reason_admin": {"en": "end-to-end test"}},
+            {"format": "iss_sub", "iss": transmitter.base, "sub": str(body["sub"])},
+        )
+        await transmitter.deliver(token, jti)
+        return {"jti": jti, "delivered_at": time.monotonic()}
+
+    @app.get("/test/state")
+    def state() -> dict[str, Any]:
+        return {
+            "stream": transmitter.stream is not None,
+            "polls": transmitter.polls,
+            "acked": list(transmitter.acked),
+        }
+
+    return app
+
+
+async def _main(port: int, ca_file: str) -> None:
+    transmitter = Transmitter(base=f"http://127.0.0.1:{port}/tenant1")
+    transmitter.verify = ssl.create_default_context(cafile=ca_file)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            control_app(transmitter),
+            host="127.0.0.1",
+            port=port,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+        )
+    )
+    await server.serve()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="A test SSF transmitter on 127.0.0.1.")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--ca-file", required=True, help="CA of the receiver's HTTPS API")
+    args = parser.parse_args()
+    asyncio.run(_main(args.port, args.ca_file))

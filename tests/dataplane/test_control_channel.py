@@ -16,7 +16,15 @@ from typing import Any
 
 import pytest
 
-from limen.client.tunnel import EdgeSession, FlowRefused, challenge_nbf
+from limen.client import auth
+from limen.client.profile import ClientState, StateFile
+from limen.client.tunnel import (
+    EdgeSession,
+    FlowRefused,
+    challenge_nbf,
+    pause_file,
+    read_pause_files,
+)
 from limen.edge.server import Edge
 from limen.net.mux import open_flow
 from limen.wire import connect as wire
@@ -188,3 +196,36 @@ async def test_garbage_on_a_control_stream_closes_that_stream_only(
     await tenant.call("POST", f"/api/v1/users/{alice['id']}/revoke-sessions")
     await _until("the claims challenge", lambda: session.challenges)
     await session.close()
+
+
+async def test_a_sign_in_by_another_process_ends_the_pause(
+    tenant: Tenant, echo: EchoServer, tmp_path: Path
+) -> None:
+    alice = await _published(tenant, echo)
+    session = await tenant.login("alice")
+    files = StateFile(tmp_path / "client")
+    files.save(session.state)
+    session.state_file = files
+    session.pause_path = pause_file(files.directory)
+    assert await echo_roundtrip(session, echo.port) == b"ping"
+    edge = _edge(tenant)
+    await _until("the control stream", lambda: alice["id"] in edge.client_control.by_user)
+    await tenant.call("POST", f"/api/v1/users/{alice['id']}/revoke-sessions")
+    await _until("the pause", lambda: session.paused_reason)
+    assert read_pause_files(files.directory)[0]["paused_reason"] == session.paused_reason
+    # `limen client login` in another process, a second after the revocation (nbf is in
+    # whole seconds): the running session picks it up without any flow trying.
+    await asyncio.sleep(1.1)
+    other = files.load()
+    await asyncio.to_thread(_sign_in, other)
+    files.save(other)
+    await _until("the pause to end", lambda: not session.paused_reason)
+    assert read_pause_files(files.directory) == []
+    assert session.state.access_token == other.access_token
+    assert await echo_roundtrip(session, echo.port) == b"ping"
+    await session.close()
+
+
+def _sign_in(state: ClientState) -> None:
+    with auth.http_client(state) as http:
+        auth.password_login(state, http, "alice", "correct horse battery")

@@ -65,6 +65,10 @@ CHALLENGE_CODES = frozenset(
     }
 )
 
+#: How often a client paused by a control-stream challenge looks for a new sign-in made by
+#: another process (it reads the small client state file; nothing goes on the network).
+PAUSE_RECHECK = 0.2
+
 #: Written by ``forward`` and ``socks`` processes while access is paused, one per process,
 #: in the client directory; ``limen client status`` lists them.
 PAUSE_FILE_GLOB = "paused-*.json"
@@ -142,6 +146,7 @@ class EdgeSession:
         #: diagnostics; a reauthentication they started runs at most one at a time.
         self.challenges: list[ClaimsChallenge] = []
         self._reauthenticating = False
+        self._pause_watch: asyncio.Task[None] | None = None
 
     async def _connection(self) -> MuxConnection:
         self.conns = [c for c in self.conns if c.is_open]
@@ -344,6 +349,9 @@ class EdgeSession:
             return done
 
     async def close(self) -> None:
+        if self._pause_watch is not None:
+            self._pause_watch.cancel()
+            self._pause_watch = None
         for conn in self.conns:
             conn.close()
         self.conns = []
@@ -373,9 +381,7 @@ class EdgeSession:
         (a prompt when interactive; a report otherwise), in a worker thread."""
         repeated = bool(self.challenges) and self.challenges[-1] == challenge
         self.challenges = [*self.challenges[-9:], challenge]
-        nbf = challenge_nbf(challenge.www_authenticate)
-        # nbf is in whole seconds: only a token from a later second is surely newer.
-        if nbf is not None and int(token_issued_at(self.state.access_token)) > nbf:
+        if self._answered(challenge):
             return  # our token is already newer than the revocation (a repeated challenge)
         if repeated and self.paused_reason:
             return  # one edge connection per challenge is enough to ask the user once
@@ -393,16 +399,39 @@ class EdgeSession:
             challenge.www_authenticate,
         )  # fmt: skip
         try:
-            token = self.state.access_token
-            if await asyncio.to_thread(self._adopt_newer_sign_in, token) or (
+            # A sign-in made by another process answers it only if it followed the revocation.
+            await asyncio.to_thread(self._adopt_newer_sign_in, self.state.access_token)
+            if self._answered(challenge) or (
                 self.reauthenticate is not None
-                and await asyncio.to_thread(self._reauthenticate, refusal, token)
+                and await asyncio.to_thread(self._reauthenticate, refusal, self.state.access_token)
             ):
                 self.set_paused("")
         except LimenError as exc:
             log.warning("signing in again failed: %s (%s)", exc.message, exc.code)
         finally:
             self._reauthenticating = False
+        if self.paused_reason and self.state_file is not None and self._pause_watch is None:
+            self._pause_watch = spawn(self._watch_sign_in(), name="watch for a new sign-in")
+
+    def _answered(self, challenge: ClaimsChallenge) -> bool:
+        """Whether our token was issued after the revocation the challenge names."""
+        nbf = challenge_nbf(challenge.www_authenticate)
+        # nbf is in whole seconds: only a token from a later second is surely newer.
+        return nbf is not None and int(token_issued_at(self.state.access_token)) > nbf
+
+    async def _watch_sign_in(self) -> None:
+        """While paused by a control-stream challenge, pick up a sign-in made by another
+        process (``limen client login``), so access resumes — and ``status`` says so —
+        without waiting for a flow to try."""
+        try:
+            while self.paused_reason and self.challenges:
+                await asyncio.sleep(PAUSE_RECHECK)
+                await asyncio.to_thread(self._adopt_newer_sign_in, self.state.access_token)
+                if self._answered(self.challenges[-1]):
+                    log.info("signed in again; access resumes")
+                    self.set_paused("")
+        finally:
+            self._pause_watch = None
 
 
 def challenge_nbf(www_authenticate: str) -> int | None:
