@@ -73,6 +73,11 @@ def _limen_tables(host: Host) -> list[str]:
     return [line for line in out.splitlines() if line.split()[-1:] == ["limen"]]
 
 
+def _limen_ip_rules(host: Host) -> list[str]:
+    out = host.run(["ip", "rule", "list"]).stdout
+    return [line for line in out.splitlines() if "0x4c4d0002" in line]
+
+
 def _own_resolv_conf(host: Host, content: str) -> Iterator[Path]:
     """Give ``host`` its own resolv.conf for the module; put back what was there before."""
     path = Path("/etc/netns") / host.ns / "resolv.conf"
@@ -331,17 +336,20 @@ def test_down_and_crash_recovery_restore_the_resolver(
     assert client.daemon is not None
     client.daemon.proc.wait(timeout=10)
     assert lab.laptop_resolv.read_text() == LAPTOP_RESOLV
-    assert not _limen_tables(laptop)
+    assert not _limen_tables(laptop) and not _limen_ip_rules(laptop)
     # Killed outright: the stub's resolv.conf stays; the next start restores it first.
     lp = client.up()
     assert "127.0.53.1" in lab.laptop_resolv.read_text()
     lp.proc.send_signal(signal.SIGKILL)
     lp.proc.wait(timeout=10)
     assert "127.0.53.1" in lab.laptop_resolv.read_text()
+    assert len(_limen_ip_rules(laptop)) == 1
     restarted = client.up()
     assert "restored" in restarted.tail()
+    assert len(_limen_ip_rules(laptop)) == 1  # the stale rule replaced, not doubled
     assert _getent(laptop, NAME).returncode == 0
     client.profile.run("down")
     restarted.proc.wait(timeout=10)
     assert lab.laptop_resolv.read_text() == LAPTOP_RESOLV
     assert not _limen_tables(laptop)
+    assert not _limen_ip_rules(laptop)
