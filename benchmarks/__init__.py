@@ -11,10 +11,10 @@ directory and returns an object with ``name``, ``setup(target_port) -> listen_po
 from __future__ import annotations
 
 from .common import PathSpec
-from .limen_path import LimenPath, limen_asyncio
+from .limen_path import LimenPath, limen_uvloop
 
 # The Limen paths (client → edge → connector → target on loopback), compared with every
-# baseline: as shipped (uvloop when installed) and with the standard asyncio loop. The plain
+# baseline: as shipped (the standard asyncio loop) and with uvloop (LIMEN_UVLOOP=1). The plain
 # CONNECT path (curl-style, one TLS connection per flow) is not a port forward, so it is not
 # measured here.
 LIMEN_PATHS: list[PathSpec] = [
@@ -25,9 +25,9 @@ LIMEN_PATHS: list[PathSpec] = [
         baseline=False,
     ),
     PathSpec(
-        "limen-asyncio",
-        "the same with the standard asyncio loop (LIMEN_UVLOOP=0)",
-        limen_asyncio,
+        "limen-uvloop",
+        "the same with uvloop in every process (LIMEN_UVLOOP=1)",
+        limen_uvloop,
         baseline=False,
     ),
 ]

@@ -132,9 +132,9 @@ def _connect_probe(edge_port: int, ca_pem: str, token: str, probe_port: int) -> 
 class LimenPath:
     """``limen client forward`` → edge (``limen serve``) → ``limen connector run`` → target.
 
-    ``uvloop``: None runs the commands as shipped (uvloop when installed, unless
-    ``LIMEN_UVLOOP`` says otherwise in the environment); False forces the standard asyncio
-    loop (``LIMEN_UVLOOP=0``) in all three processes.
+    ``uvloop``: None runs the commands as shipped (the standard asyncio loop, unless
+    ``LIMEN_UVLOOP`` says otherwise in the environment); True forces uvloop
+    (``LIMEN_UVLOOP=1``) and False the asyncio loop in all three processes.
     """
 
     def __init__(self, workdir: Path, name: str = "limen", uvloop: bool | None = None) -> None:
@@ -345,6 +345,6 @@ class LimenPath:
         return [p.pid for p in self.procs.procs]
 
 
-def limen_asyncio(workdir: Path) -> LimenPath:
-    """The Limen path with the standard asyncio event loop in every process."""
-    return LimenPath(workdir, name="limen-asyncio", uvloop=False)
+def limen_uvloop(workdir: Path) -> LimenPath:
+    """The Limen path with uvloop in every process (the default is the asyncio loop)."""
+    return LimenPath(workdir, name="limen-uvloop", uvloop=True)
