@@ -412,3 +412,29 @@ async def test_token_endpoint_reports_the_lifetime(tenant: Tenant) -> None:
         cae = (await http.post("/oauth2/token", data={**form, "client_capabilities": "cp1"})).json()
     assert 3600 <= plain["expires_in"] <= 5400
     assert cae["expires_in"] == 24 * 3600
+
+
+async def test_a_device_signal_cuts_only_that_devices_flows(
+    tenant: Tenant, echo: EchoServer
+) -> None:
+    """A device marked non-compliant loses its live flows at once; the same user's other
+    device keeps its flows and gets no claims challenge (its sign-in still stands)."""
+    await _published(tenant, echo)
+    laptop = await tenant.login("alice")
+    phone = await tenant.login("alice")
+    assert laptop.state.device_id != phone.state.device_id
+    laptop_flows = await _live_flows(laptop, echo.port, 2)
+    phone_flows = await _live_flows(phone, echo.port, 2)
+    sent = time.perf_counter()
+    await tenant.call(
+        "POST", f"/api/v1/devices/{laptop.state.device_id}/compliance", {"compliant": False}
+    )
+    await _cut_times(laptop_flows, sent, time.perf_counter(), "device non-compliant")
+    assert not any(w.closed.done() for w in phone_flows)
+    # The phone still opens new flows with its token; the laptop's flows were cut, and (no
+    # policy requires compliance here) it may open new ones too: the device signal is about
+    # live flows, the policy decides new ones.
+    assert await echo_roundtrip(phone, echo.port) == b"ping"
+    assert await echo_roundtrip(laptop, echo.port) == b"ping"
+    for session in (laptop, phone):
+        await session.close()

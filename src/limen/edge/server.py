@@ -335,7 +335,7 @@ class Edge:
             at = payload.get("at")
             when = float(at) if isinstance(at, int | float) and at > 0 else time.time()
             self.revocations.record(self.snapshot, user_id, when, self._loop.time())
-        cut = self._revoke_user(user_id)
+        cut = self._revoke_user(user_id, device_id=str(payload.get("device_id") or ""))
         self.ctx.bus.publish(
             SIGNAL_ENFORCED,
             signal_id=str(payload.get("signal_id") or ""),
@@ -346,22 +346,38 @@ class Edge:
             node=self.ctx.node_name,
         )
 
-    def _revoke_user(self, user_id: str) -> int:
-        """Cut every live flow of a user (continuous access evaluation); how many."""
+    def _revoke_user(self, user_id: str, device_id: str = "") -> int:
+        """Cut the live flows of a user (continuous access evaluation) — only those from
+        ``device_id`` when the signal is about one device (non-compliant, disabled): the
+        user's other devices keep working. Returns how many were cut."""
         flow_ids = list(self.flows_by_user.get(user_id, ()))
+        cut = 0
         for flow_id in flow_ids:
             flow = self.flows.get(flow_id)
-            if flow is not None and flow.relay is not None:
-                flow.relay.abort(CloseReason.REVOKED)
-        if flow_ids:
-            log.info("revoked %d live flows of %s", len(flow_ids), user_id)
+            if flow is None or flow.relay is None:
+                continue
+            if device_id and flow.device_id != device_id:
+                continue
+            flow.relay.abort(CloseReason.REVOKED)
+            cut += 1
+        if cut:
+            log.info(
+                "revoked %d live flows of %s%s",
+                cut,
+                user_id,
+                f" on device {device_id}" if device_id else "",
+            )
+        self._reload.set()
+        if device_id:
+            # The device's next flow meets the new device state in policy; the user's
+            # sign-in itself stands, so no claims challenge to all of the user's clients.
+            return cut
         # Then tell the user's clients at once, with the challenge a new flow would get.
         user = self.snapshot.users.get(user_id)
         self.client_control.challenge(
             user_id, (user.revoked_before if user is not None else 0.0) or time.time()
         )
-        self._reload.set()
-        return len(flow_ids)
+        return cut
 
     def renew_connector(self, connector_id: str, csr_pem: str) -> IssuedCert:
         """Sign a renewal CSR for a connector and record the new serial and expiry (runs in
