@@ -413,16 +413,13 @@ def test_down_and_crash_recovery_leave_no_table(
     client.profile.run("down")
     restarted.proc.wait(timeout=10)
     assert not _limen_tables(laptop)
-    # down with nothing running, after another kill: removes the stale table itself.
+    # down with nothing running, after another kill: removes the stale table and restores
+    # the resolver the killed daemon had taken over.
     lp = client.up()
+    assert "127.0.53.1" in laptop_resolv.read_text()
     lp.proc.send_signal(signal.SIGKILL)
     lp.proc.wait(timeout=10)
     assert "stale" in client.profile.run("down").stdout
     assert not _limen_tables(laptop)
-    # The killed daemon's resolv.conf: `limen client down` does not restore it yet (the CLI
-    # does not call daemon.undo_stale_resolver); the next start does, and down after it.
-    assert "127.0.53.1" in laptop_resolv.read_text()
-    client.up()
-    client.profile.run("down")
     assert laptop_resolv.read_text() == LAPTOP_RESOLV
     assert not [p for p in limen_pids(laptop) if p in (lp.proc.pid, restarted.proc.pid)]

@@ -606,6 +606,13 @@ def client_down(
     if has_net_admin():
         try:
             removed = NftTable().delete()
+            if not stopped:
+                # A daemon that died (SIGKILL, crash) left its resolver change behind.
+                from limen.client.daemon import undo_stale_resolver
+
+                for what in undo_stale_resolver(files.directory):
+                    typer.echo(what)
+                    removed = True
         except LimenError as exc:
             typer.echo(f"error: {exc.code}: {exc.message}", err=True)
             raise typer.Exit(1) from None
