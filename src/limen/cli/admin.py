@@ -646,7 +646,7 @@ def unassign(ctx: typer.Context, application: str, principal: str) -> None:
 # --- logs and tokens ----------------------------------------------------------------------------
 
 TRAFFIC_COLS = (
-    "started_at", "username", "dest_host", "dest_port", "transport", "app_id", "action",
+    "started_at", "username", "destination", "dest_port", "transport", "app_id", "action",
     "code", "bytes_up", "bytes_down", "close_reason",
 )  # fmt: skip
 
@@ -671,7 +671,9 @@ def traffic_list(
     if api.opts.json:
         _emit(api.opts, page)
         return
-    _emit(api.opts, page["items"], TRAFFIC_COLS)
+    # One destination column: the name the client asked for, else the address.
+    rows = [{**r, "destination": r.get("dest_host") or r.get("dest_ip", "")} for r in page["items"]]
+    _emit(api.opts, rows, TRAFFIC_COLS)
     if page["next_cursor"]:
         typer.echo(f"more: --cursor {page['next_cursor']}", err=True)
 
