@@ -365,6 +365,11 @@ async def _measure(
         ended = sum(1 for s in streams if isinstance(s.receiver, _Idle) and s.receiver.ended)
         close_seconds = await close_flows(session, sink, streams)
         after_close = {role: settled_memory(pid) for role, pid in pids.items()}
+        # A second round of the same flows: memory that grows again would be a leak; memory
+        # that was kept after closing and is reused is the allocator's (pymalloc arenas).
+        streams, _ = await open_flows(session, sink, flows, concurrency)
+        after_reopen = {role: settled_memory(pid) for role, pid in pids.items()}
+        await close_flows(session, sink, streams)
     finally:
         await session.close()
     processes: dict[str, Any] = {}
@@ -374,7 +379,9 @@ async def _measure(
             "after_open": asdict(after_open[role]),
             "after_close": asdict(after_close[role]),
             "per_flow": _per_flow(after_open[role], before[role], flows),
+            "after_reopen": asdict(after_reopen[role]),
             "retained_after_close_kib": after_close[role].rss_kib - before[role].rss_kib,
+            "growth_on_reopen_kib": after_reopen[role].rss_kib - after_open[role].rss_kib,
         }
     edge_per_flow = processes["edge"]["per_flow"]["rss_kib"]
     return {
@@ -427,10 +434,12 @@ def _table(report: dict[str, Any]) -> str:
     flows = report["meta"]["flows"]
     res = report["results"]
     lines = [
-        f"{flows:,} idle flows through one edge (KiB per flow = (after open - before) / flows)",
+        f"{flows:,} idle flows through one edge (KiB per flow = (after open - before) / flows;",
+        "reopen +MB: RSS with the same flows opened again after closing, minus the first time)",
         "",
         f"{'process':<10} {'RSS before MB':>13} {'RSS open MB':>12} {'RSS closed MB':>13} "
-        f"{'RSS KiB/flow':>12} {'PSS KiB/flow':>12} {'USS KiB/flow':>12} {'fds/flow':>8}",
+        f"{'RSS KiB/flow':>12} {'PSS KiB/flow':>12} {'USS KiB/flow':>12} {'fds/flow':>8} "
+        f"{'reopen +MB':>10}",
     ]
     for role, p in res["processes"].items():
         per = p["per_flow"]
@@ -438,7 +447,8 @@ def _table(report: dict[str, Any]) -> str:
             f"{role:<10} {p['before']['rss_kib'] / 1024:>13.1f} "
             f"{p['after_open']['rss_kib'] / 1024:>12.1f} "
             f"{p['after_close']['rss_kib'] / 1024:>13.1f} {per['rss_kib']:>12.1f} "
-            f"{per['pss_kib']:>12.1f} {per['uss_kib']:>12.1f} {per['fds']:>8.2f}"
+            f"{per['pss_kib']:>12.1f} {per['uss_kib']:>12.1f} {per['fds']:>8.2f} "
+            f"{p['growth_on_reopen_kib'] / 1024:>10.1f}"
         )
     o = res["open"]
     bar = res["bar"]

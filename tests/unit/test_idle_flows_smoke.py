@@ -57,7 +57,7 @@ def test_quick_run_reports_memory_per_flow_for_every_hop(tmp_path: Path) -> None
     results = report["results"]
     assert set(results["processes"]) == {"edge", "connector", "client"}
     for role, figures in results["processes"].items():
-        for reading in ("before", "after_open", "after_close"):
+        for reading in ("before", "after_open", "after_close", "after_reopen"):
             assert figures[reading]["rss_kib"] > 0, (role, reading)
             assert figures[reading]["pss_kib"] > 0, (role, reading)
             assert figures[reading]["uss_kib"] > 0, (role, reading)
