@@ -18,8 +18,9 @@ import httpx
 from limen.admin.auth import create_admin_token
 from limen.connector.agent import ConnectorAgent, ConnectorIdentity, enroll
 from limen.errors import ConfigError
+from limen.files import write_private
 from limen.net.tasks import spawn
-from limen.runner import Service, _write_private
+from limen.runner import Service
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def admin_token(service: Service) -> str:
     if path.exists():
         return path.read_text().strip()
     token = create_admin_token(service.ctx.store, "bootstrap", "admin")
-    _write_private(path, token)
+    write_private(path, token)
     return token
 
 
@@ -135,7 +136,7 @@ async def setup_demo(service: Service, intranet_port: int = 8081) -> DemoTenant:
             name="demo-connector",
             edge=service.edge_address,
         )
-        _write_private(state_path, json.dumps({"password": password, "app_id": app["id"]}))
+        write_private(state_path, json.dumps({"password": password, "app_id": app["id"]}))
     identity = ConnectorIdentity.load(connector_dir)
     identity.edge = service.edge_address
     agent = ConnectorAgent(identity)

@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -17,6 +15,7 @@ import uvicorn
 from limen.admin.app import create_app
 from limen.config import Settings
 from limen.edge.server import Edge
+from limen.files import write_private
 from limen.service import ServiceContext, open_context
 from limen.signals.receiver import SignalReceiver
 
@@ -31,12 +30,6 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.listen(1024)
     sock.setblocking(False)
     return sock
-
-
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
 
 
 @dataclass
@@ -81,7 +74,7 @@ class Service:
             cert = data_dir / "server-cert.pem"
             key = data_dir / "server-key.pem"
             cert.write_text(self.ctx.pki.server_cert_pem)
-            _write_private(key, self.ctx.pki.server_key_pem)
+            write_private(key, self.ctx.pki.server_key_pem)
             config = uvicorn.Config(
                 create_app(self.ctx),
                 ssl_certfile=str(cert),

@@ -74,6 +74,7 @@ from limen.client.transparent import (
 from limen.client.tunnel import EdgeSession, FlowRefused
 from limen.client.udp import TransparentUdp
 from limen.errors import AuthError, ConfigError, LimenError, RemoteProtocolError
+from limen.files import write_private
 from limen.net.resolver import DnsResolver, Upstream
 from limen.net.tasks import spawn
 
@@ -548,12 +549,8 @@ class ClientDaemon:
 
     def _save_cached_profile(self, raw: dict[str, Any]) -> None:
         path = profile_cache_path(self.client_dir)
-        tmp = path.with_suffix(".tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                json.dump(raw, fh, indent=2)
-            os.replace(tmp, path)
+            write_private(path, json.dumps(raw, indent=2), atomic=True)
         except OSError as exc:
             log.warning("cannot cache the profile in %s: %s", path, exc)
 

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from limen.errors import AuthError, ConfigError
+from limen.files import write_private
 
 
 def default_client_dir() -> Path:
@@ -62,11 +63,7 @@ class StateFile:
 
     def save(self, state: ClientState) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(asdict(state), fh, indent=2)
-        os.replace(tmp, self.path)
+        write_private(self.path, json.dumps(asdict(state), indent=2), atomic=True)
 
     def require(self) -> ClientState:
         state = self.load()

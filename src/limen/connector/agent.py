@@ -8,7 +8,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import random
 import socket
 import ssl
@@ -25,6 +24,7 @@ from limen import __version__
 from limen.connector.dns import resolver_from_env, serve_dns
 from limen.connector.udp import serve_udp, udp_settings_from_env
 from limen.errors import AuthError, ConfigError, RemoteProtocolError
+from limen.files import write_private
 from limen.net.endpoints import Buffer, TransportEndpoint
 from limen.net.mux import MuxConnection, MuxStream
 from limen.net.proxy import ProxyAddress, open_tls, proxy_from_env
@@ -93,12 +93,6 @@ class ConnectorIdentity:
             ) from exc
 
 
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-
-
 def enroll(
     api_url: str,
     token: str,
@@ -158,11 +152,11 @@ def enroll(
 
 def save_identity(identity: ConnectorIdentity, data_dir: Path) -> None:
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    _write_private(data_dir / KEY_FILE, identity.key_pem)
+    write_private(data_dir / KEY_FILE, identity.key_pem)
     (data_dir / CERT_FILE).write_text(identity.cert_pem)
     (data_dir / CA_FILE).write_text(identity.ca_pem)
     state = {"connector_id": identity.connector_id, "edge": identity.edge}
-    _write_private(data_dir / STATE_FILE, json.dumps(state, indent=2))
+    write_private(data_dir / STATE_FILE, json.dumps(state, indent=2))
 
 
 def parse_hostport(text: str, default_port: int = 443) -> tuple[str, int]:

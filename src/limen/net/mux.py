@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import socket
-import time
 from collections.abc import Callable
 from typing import cast
 
@@ -457,7 +456,3 @@ async def open_flow(
     if not response.ok:
         stream.abort()
     return stream, response
-
-
-def monotonic() -> float:
-    return time.monotonic()
