@@ -13,15 +13,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.bench_runs import run_benchmark
+
 # Well under pytest's own timeout: the run takes ~25 s; a hung path is interrupted (SIGINT,
 # so the suite's cleanup stops every helper it started) and reported, not left running.
 RUN_TIMEOUT = 90.0
@@ -37,25 +36,7 @@ def _require_iperf3() -> None:
 
 
 def _run_suite(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks", *argv],
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=dict(os.environ, COLUMNS="200"),
-    )
-    try:
-        out, _ = proc.communicate(timeout=RUN_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGINT)
-        try:
-            out, _ = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-        pytest.fail(f"benchmark run did not finish in {RUN_TIMEOUT:.0f} s:\n{out[-3000:]}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+    return run_benchmark("benchmarks", argv, RUN_TIMEOUT)
 
 
 @pytest.mark.parametrize("limen_path", ["limen", "limen-uvloop"])

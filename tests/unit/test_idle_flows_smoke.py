@@ -8,42 +8,22 @@ never asserted: they depend on the machine.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.bench_runs import run_benchmark
+
 # The quick run takes ~25 s; a hung run is interrupted (SIGINT, so the benchmark's cleanup
 # stops every helper it started) and reported, not left running.
 RUN_TIMEOUT = 120.0
 
 
 def _run(argv: list[str]) -> str:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.idle_flows", *argv],
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=dict(os.environ, COLUMNS="200"),
-    )
-    try:
-        out, _ = proc.communicate(timeout=RUN_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGINT)
-        try:
-            out, _ = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-        pytest.fail(f"idle-flows benchmark did not finish in {RUN_TIMEOUT:.0f} s:\n{out[-3000:]}")
-    assert proc.returncode == 0, out[-3000:]
-    return out
+    proc = run_benchmark("benchmarks.idle_flows", argv, RUN_TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    return proc.stdout
 
 
 @pytest.mark.timeout(RUN_TIMEOUT + 60)
