@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,18 @@ def _connect_probe(edge_port: int, ca_pem: str, token: str, probe_port: int) -> 
             return ""
     except OSError as exc:
         return f"{type(exc).__name__}: {exc}"
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """One run's Limen service: its directories, environment and addresses."""
+
+    data: Path
+    connector_dir: Path
+    client_dir: Path
+    env: dict[str, str]
+    api_url: str
+    edge_port: int
 
 
 class LimenPath:
@@ -259,13 +272,15 @@ class LimenPath:
             self.teardown()
             raise
 
-    def _setup(self, target_port: int) -> int:
+    def _start_service(self) -> Deployment:
+        """A fresh run directory, the environment every Limen process of this run gets, and
+        `limen serve` up (API answering, admin token written)."""
         self._round += 1
         base = self.workdir / f"run{self._round}"
         data, connector_dir, client_dir = base / "data", base / "connector", base / "client"
         for d in (data, connector_dir, client_dir):
             d.mkdir(parents=True, mode=0o700)
-        api_port, edge_port, listen_port = free_port(), free_port(), free_port()
+        api_port, edge_port = free_port(), free_port()
         env = dict(
             os.environ,
             LIMEN_DATA_DIR=str(data),
@@ -280,45 +295,58 @@ class LimenPath:
         )
         if self.uvloop is not None:
             env["LIMEN_UVLOOP"] = "1" if self.uvloop else "0"
-        api_url = f"https://{LOOPBACK}:{api_port}"
-        ca_file = data / "ca.pem"
-
         serve = self.procs.start([self.limen, "serve"], self._log("serve"), env=env)
         try:
             wait_port(api_port, timeout=START_TIMEOUT, proc=serve)
             self._wait_file(data / "admin-token", serve, START_TIMEOUT)
         except BenchmarkError as exc:
             raise self._fail(str(exc), self._log("serve")) from exc
+        return Deployment(
+            data, connector_dir, client_dir, env, f"https://{LOOPBACK}:{api_port}", edge_port
+        )
 
-        self.probe = ProbeEcho()
-        password = secrets.token_urlsafe(18)
-        enrollment = self._tenant(api_url, data, f"{target_port},{self.probe.port}", password)
-
+    def _connect(
+        self, dep: Deployment, enrollment: str, password: str, connector_args: Sequence[str] = ()
+    ) -> None:
+        """Enroll and run the connector, sign the client in, and wait until a flow gets
+        through the edge (to the probe echo, never to the measured target)."""
+        ca_file = dep.data / "ca.pem"
         self._run(
             [
-                *(self.limen, "connector", "enroll", "--api", api_url),
-                *("--ca-file", str(ca_file), "--data-dir", str(connector_dir)),
+                *(self.limen, "connector", "enroll", "--api", dep.api_url),
+                *("--ca-file", str(ca_file), "--data-dir", str(dep.connector_dir)),
                 *("--name", "bench-connector"),
             ],
-            dict(env, LIMEN_ENROLLMENT_TOKEN=enrollment),
+            dict(dep.env, LIMEN_ENROLLMENT_TOKEN=enrollment),
         )
         self.procs.start(
-            [self.limen, "connector", "run", "--data-dir", str(connector_dir)],
+            [self.limen, "connector", "run", "--data-dir", str(dep.connector_dir), *connector_args],
             self._log("connector"),
-            env=env,
+            env=dep.env,
         )
         self._run(
             [
-                *(self.limen, "client", "login", "--api", api_url, "--ca-file", str(ca_file)),
+                *(self.limen, "client", "login", "--api", dep.api_url, "--ca-file", str(ca_file)),
                 *("--username", USERNAME, "--password-stdin"),
             ],
-            env,
+            dep.env,
             stdin=password + "\n",
         )
-        self._wait_flow(edge_port, ca_file.read_text(), client_dir)
-        self.probe.stop()
-        self.probe = None
+        self._wait_flow(dep.edge_port, ca_file.read_text(), dep.client_dir)
+        if self.probe is not None:
+            self.probe.stop()
+            self.probe = None
 
+    def _setup(self, target_port: int) -> int:
+        dep = self._start_service()
+        self.probe = ProbeEcho()
+        password = secrets.token_urlsafe(18)
+        enrollment = self._tenant(
+            dep.api_url, dep.data, f"{target_port},{self.probe.port}", password
+        )
+        self._connect(dep, enrollment, password)
+        listen_port = free_port()
+        env = dep.env
         forward = self.procs.start(
             [
                 *(self.limen, "client", "forward", f"{LOOPBACK}:{target_port}"),

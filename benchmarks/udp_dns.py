@@ -227,66 +227,15 @@ class LimenUdpDns(LimenPath):
             raise
 
     def _start(self, echo_port: int, dns_server_port: int) -> None:
-        from .common import free_port, wait_port
-
-        self._round += 1
-        base = self.workdir / f"run{self._round}"
-        data, connector_dir, client_dir = base / "data", base / "connector", base / "client"
-        for d in (data, connector_dir, client_dir):
-            d.mkdir(parents=True, mode=0o700)
-        api_port, edge_port = free_port(), free_port()
-        env = dict(
-            os.environ,
-            LIMEN_DATA_DIR=str(data),
-            LIMEN_API_HOST=LOOPBACK,
-            LIMEN_EDGE_HOST=LOOPBACK,
-            LIMEN_PUBLIC_HOST=LOOPBACK,
-            LIMEN_API_PORT=str(api_port),
-            LIMEN_EDGE_PORT=str(edge_port),
-            LIMEN_LOG_LEVEL="WARNING",
-            LIMEN_CONNECTOR_DIR=str(connector_dir),
-            LIMEN_CLIENT_DIR=str(client_dir),
-        )
-        api_url = f"https://{LOOPBACK}:{api_port}"
-        ca_file = data / "ca.pem"
-        serve = self.procs.start([self.limen, "serve"], self._log("serve"), env=env)
-        try:
-            wait_port(api_port, timeout=60, proc=serve)
-            self._wait_file(data / "admin-token", serve, 60)
-        except BenchmarkError as exc:
-            raise self._fail(str(exc), self._log("serve")) from exc
-
+        dep = self._start_service()
         self.probe = ProbeEcho()
         password = secrets.token_urlsafe(18)
-        enrollment = self._udp_dns_tenant(api_url, data, echo_port, self.probe.port, password)
-        self._run(
-            [
-                *(self.limen, "connector", "enroll", "--api", api_url),
-                *("--ca-file", str(ca_file), "--data-dir", str(connector_dir)),
-                *("--name", "bench-connector"),
-            ],
-            dict(env, LIMEN_ENROLLMENT_TOKEN=enrollment),
+        enrollment = self._udp_dns_tenant(
+            dep.api_url, dep.data, echo_port, self.probe.port, password
         )
         dns_server = f"{LOOPBACK}:{dns_server_port}"
-        self.procs.start(
-            [
-                *(self.limen, "connector", "run", "--data-dir", str(connector_dir)),
-                *("--dns-server", dns_server),
-            ],
-            self._log("connector"),
-            env=env,
-        )
-        self._run(
-            [
-                *(self.limen, "client", "login", "--api", api_url, "--ca-file", str(ca_file)),
-                *("--username", USERNAME, "--password-stdin"),
-            ],
-            env,
-            stdin=password + "\n",
-        )
-        self._wait_flow(edge_port, ca_file.read_text(), client_dir)
-        self.probe.stop()
-        self.probe = None
+        self._connect(dep, enrollment, password, ("--dns-server", dns_server))
+        env = dep.env
 
         forward = self.procs.start(
             [
