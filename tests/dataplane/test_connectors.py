@@ -346,7 +346,13 @@ async def test_admin_drain_stops_new_flows_and_keeps_current_ones(
         for _ in range(5):
             await asyncio.gather(*(echo_roundtrip(session, echo.port) for _ in range(4)))
         assert len(await _records(tenant, 0, connector_id=drained_id)) == before
-        status = await tenant.call("GET", f"/api/v1/connectors/{drained_id}")
+        # The status board is republished by the edge's monitor a few times a second:
+        # poll (bounded) until it shows the drain rather than racing its next publish.
+        for _ in range(100):
+            status = await tenant.call("GET", f"/api/v1/connectors/{drained_id}")
+            if status["health"] == "draining":
+                break
+            await asyncio.sleep(0.05)
         assert status["health"] == "draining"
         assert tenant.service.ctx is not None
         with tenant.service.ctx.store.session() as s:
