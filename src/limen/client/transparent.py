@@ -53,6 +53,7 @@ from limen.client.forwarding import (
 from limen.client.tunnel import EdgeSession, FlowRefused
 from limen.errors import ConfigError
 from limen.net.endpoints import TransportEndpoint
+from limen.net.mux import EarlyData
 from limen.net.relay import CloseReason, Relay
 from limen.net.tasks import spawn
 
@@ -557,9 +558,11 @@ class TransparentListener:
         flow: LiveFlow,
         label: str,
     ) -> None:
+        early: EarlyData | None = None
         if outcome is Outcome.TUNNEL:
+            early = EarlyData(local)
             try:
-                stream, _ = await self.session.open("tcp", host, port, process=label)
+                stream, _ = await self.session.open("tcp", host, port, process=label, early=early)
             except FlowRefused as exc:
                 flow.error = exc.code
                 if exc.code != "edge_unreachable":
@@ -574,16 +577,20 @@ class TransparentListener:
                 flow.state = "open"
                 relay = Relay(local, stream)
                 flow.relay = relay
-                relay.start()
+                relay.start(sent_to_b=len(early.data))
                 await relay.done
                 return
         if outcome is Outcome.DIRECT:
-            await self._direct(local, host, port, flow)
+            # What the application sent while the tunnel was tried goes first.
+            sent = bytes(early.data) if early is not None else b""
+            await self._direct(local, host, port, flow, sent)
             return
         flow.state = "blocked"
         local.abort()  # hardening "block": a reset, at once
 
-    async def _direct(self, local: TransportEndpoint, host: str, port: int, flow: LiveFlow) -> None:
+    async def _direct(
+        self, local: TransportEndpoint, host: str, port: int, flow: LiveFlow, first: bytes = b""
+    ) -> None:
         """Carry the connection straight to its destination on a marked socket (which the
         packet filter does not capture again)."""
         loop = asyncio.get_running_loop()
@@ -624,7 +631,7 @@ class TransparentListener:
         flow.state = "open"
         relay = Relay(local, remote)
         flow.relay = relay
-        relay.start()
+        relay.start(initial_to_b=first)
         await relay.done
 
 

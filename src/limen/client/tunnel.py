@@ -22,7 +22,7 @@ from limen.client.udp import udp_associate
 from limen.errors import LimenError, RemoteProtocolError
 from limen.ids import new_id
 from limen.net.endpoints import Buffer, TransportEndpoint
-from limen.net.mux import MuxConnection, MuxStream, open_flow
+from limen.net.mux import EarlyData, MuxConnection, MuxStream, open_flow
 from limen.net.relay import Relay
 from limen.net.tasks import spawn
 from limen.net.tls import ALPN_MUX, client_context
@@ -273,9 +273,17 @@ class EdgeSession:
             log.warning("cannot write %s: %s", self.pause_path, exc)
 
     async def open(
-        self, protocol: str, host: str, port: int, *, process: str = ""
+        self,
+        protocol: str,
+        host: str,
+        port: int,
+        *,
+        process: str = "",
+        early: EarlyData | None = None,
     ) -> tuple[MuxStream, wire.FlowResponse]:
         """Open one flow; raises :class:`FlowRefused` with the edge's code and reason.
+        ``early`` sends what the local side sends meanwhile with the flow head (sent again
+        on every retry).
 
         A claims challenge (revocation, step-up, strict enforcement) pauses access: the
         reason is kept in ``paused_reason`` until a flow is admitted again. It is answered
@@ -299,7 +307,7 @@ class EdgeSession:
                 headers.append((wire.HEADER_PROCESS, (process or self.process_name)[:200]))
             head = wire.encode_request(protocol, host, port, headers)
             try:
-                stream, response = await open_flow(conn, head, protocol)
+                stream, response = await open_flow(conn, head, protocol, early=early)
             except (ConnectionError, RemoteProtocolError, TimeoutError) as exc:
                 if retried:
                     raise FlowRefused(
@@ -538,16 +546,17 @@ async def _forward_one(
         await local.connected
     except (ConnectionError, OSError):
         return
+    early = EarlyData(local)
     try:
         stream, _response = await session.open(
-            "tcp", host, port, process=_peer_process(session, local)
+            "tcp", host, port, process=_peer_process(session, local), early=early
         )
     except FlowRefused as exc:
         on_refused(f"{host}:{port}", exc)
         local.abort()
         return
     relay = Relay(local, stream)
-    relay.start()
+    relay.start(sent_to_b=len(early.data))
     await relay.done
 
 

@@ -44,7 +44,7 @@ from limen.metrics import (
     PROTOCOL_ERRORS,
 )
 from limen.net.endpoints import Buffer, Endpoint, TransportEndpoint
-from limen.net.mux import MuxConnection, MuxStream, open_flow
+from limen.net.mux import EarlyData, MuxConnection, MuxStream, open_flow
 from limen.net.relay import CloseReason, Relay
 from limen.net.tasks import spawn
 from limen.net.tls import ALPN_MUX, server_context
@@ -528,7 +528,13 @@ class Edge:
                 (wire.HEADER_SOURCE, f"{source[0]}:{source[1]}"),
             ],
         )
-        opened = await self._open_via_connector(endpoint, request, head, record, decision)
+        early: EarlyData | None = None
+        if request.protocol == "tcp":
+            # What the client sends while the connector dials goes on at once (early data):
+            # the connector holds it until the target answers.
+            early = EarlyData(endpoint, trailing)
+            trailing = b""
+        opened = await self._open_via_connector(endpoint, request, head, record, decision, early)
         if opened is None:
             return
         link, target = opened
@@ -536,7 +542,8 @@ class Edge:
             endpoint.write(wire.encode_response(200 if request.protocol == "tcp" else 101))
             if request.protocol == "udp":  # counts datagrams, polices capsules (edge/udp.py)
                 endpoint = edge_udp.DatagramCounter(endpoint, record, trailing)
-            await self._relay(endpoint, target, trailing, record, decision, link)
+            sent_early = len(early.data) if early is not None else 0
+            await self._relay(endpoint, target, trailing, record, decision, link, sent_early)
         finally:
             link.active_flows -= 1
 
@@ -547,6 +554,7 @@ class Edge:
         head: bytes,
         record: dict[str, Any],
         decision: Decision,
+        early: EarlyData | None = None,
     ) -> tuple[ConnectorLink, MuxStream] | None:
         """Pick a connector of the app's group and open the flow on it. On success the
         picked link's ``active_flows`` is already counted (the caller uncounts it); on
@@ -554,7 +562,8 @@ class Edge:
 
         If the chosen connector's link dies while the flow opens, the flow is tried once
         more on another connector: nothing has been relayed yet (the client's bytes wait
-        in its paused stream and in ``trailing``), so the retry is invisible to it."""
+        in ``early``, sent again, or in its paused stream), so the retry is invisible to
+        it."""
         assert decision.app is not None
         group_id = decision.app.connector_group_id
         tried: frozenset[str] = frozenset()
@@ -577,7 +586,7 @@ class Edge:
             link.active_flows += 1
             try:
                 target, response = await open_flow(
-                    conn, head, request.protocol, self.settings.connector_dial_timeout
+                    conn, head, request.protocol, self.settings.connector_dial_timeout, early
                 )
             except TimeoutError:
                 link.active_flows -= 1
@@ -638,6 +647,7 @@ class Edge:
         record: dict[str, Any],
         decision: Decision,
         link: ConnectorLink,
+        sent_early: int = 0,
     ) -> None:
         claims = decision.claims
         assert claims is not None
@@ -656,7 +666,7 @@ class Edge:
         FLOWS_ACTIVE.inc()
         FLOWS_TOTAL.labels("allow", "").inc()
         try:
-            relay.start(initial_to_b=trailing)
+            relay.start(initial_to_b=trailing, sent_to_b=sent_early)
             reason = await relay.done
             if (
                 reason in (CloseReason.TARGET_CLOSED, CloseReason.ERROR)

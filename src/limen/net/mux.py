@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import cast
 
 from limen.errors import LocalProtocolError, RemoteProtocolError
-from limen.net.endpoints import Buffer, Receiver
+from limen.net.endpoints import Buffer, Endpoint, Receiver
 from limen.wire import yamux
 from limen.wire.connect import FlowResponse, FlowResponseReader
 
@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 #: few seconds — a tighter value cut healthy links during bulk transfers on a busy machine.
 KEEPALIVE_INTERVAL = 1.0
 KEEPALIVE_TIMEOUT = 5.0
+
+#: How much a local application may send before its flow is accepted (see
+#: :class:`EarlyData`); past it the local socket waits for the answer.
+EARLY_DATA_LIMIT = 64 * 1024
 
 
 class MuxStream:
@@ -438,21 +442,74 @@ class _HeadCollector:
         pass
 
 
+class EarlyData:
+    """What a local application sends while its flow opens.
+
+    It goes out on the opening stream at once, right behind the flow head, instead of a
+    round trip later when the answer is in: the edge and the connector hold it until the
+    target is dialled, so a request reaches the target with the dial (docs/protocol.md,
+    "early data"). It is also kept until the flow is accepted, because a flow retried on a
+    new stream (a refreshed token, a new edge connection) must send it again; past
+    ``limit`` bytes the local side is paused until then, so a refused flow costs at most
+    that. EOF and a closed socket are not acted on here: the endpoint reports them again
+    to the relay that takes over. The client uses it for what applications send, the edge
+    for what the client sends while the connector dials (``initial``: what came with the
+    flow head).
+    """
+
+    __slots__ = ("data", "limit", "local", "stream")
+
+    def __init__(
+        self, local: Endpoint, initial: Buffer = b"", limit: int = EARLY_DATA_LIMIT
+    ) -> None:
+        self.local = local
+        self.limit = limit
+        self.data = bytearray(initial)
+        self.stream: MuxStream | None = None
+        local.attach(self)
+
+    def on_data(self, data: Buffer) -> None:
+        self.data += data
+        if self.stream is not None:
+            self.stream.write(data)
+        if len(self.data) >= self.limit:
+            self.local.pause_reading()
+
+    def on_eof(self) -> None:
+        pass
+
+    def on_closed(self, error: BaseException | None) -> None:
+        pass
+
+    def on_drained(self) -> None:
+        pass
+
+
 async def open_flow(
-    conn: MuxConnection, head: bytes, protocol: str = "tcp", deadline: float = 10.0
+    conn: MuxConnection,
+    head: bytes,
+    protocol: str = "tcp",
+    deadline: float = 10.0,
+    early: EarlyData | None = None,
 ) -> tuple[MuxStream, FlowResponse]:
-    """Open a stream, send a flow head, and wait for the response head. On a refusal the
-    stream is already finished; the caller reads ``response.error()``."""
+    """Open a stream, send a flow head (and ``early`` data: what the local side sent so far
+    and sends until the answer), and wait for the response head. On a refusal the stream
+    is already finished; the caller reads ``response.error()``."""
     stream = conn.open_stream(flush=False)
     collector = _HeadCollector(stream, protocol)
     stream.attach(collector)
-    stream.write(head)
+    stream.write(head + early.data if early is not None and early.data else head)
+    if early is not None:
+        early.stream = stream
     try:
         async with asyncio.timeout(deadline):
             response = await collector.result
     except BaseException:
         stream.abort()
         raise
+    finally:
+        if early is not None:
+            early.stream = None
     if not response.ok:
         stream.abort()
     return stream, response

@@ -80,7 +80,12 @@ class Relay:
         self._first_eof: _Side | None = None
         self.done: asyncio.Future[CloseReason] = asyncio.get_running_loop().create_future()
 
-    def start(self, initial_to_b: Buffer = b"", initial_to_a: Buffer = b"") -> None:
+    def start(
+        self, initial_to_b: Buffer = b"", initial_to_a: Buffer = b"", *, sent_to_b: int = 0
+    ) -> None:
+        """Join the endpoints; ``initial_*`` is written first, ``sent_to_b`` counts bytes
+        already written to ``b`` before the relay (early data)."""
+        self._a_to_b.bytes += sent_to_b
         if initial_to_b:
             self._a_to_b.bytes += len(initial_to_b)
             self.b.write(initial_to_b)
