@@ -2,8 +2,8 @@
 
 Installs missing tools with apt when run as root, then for each selected path measures
 single- and 8-flow throughput, new-flow latency (p50/p99), sustained new flows per second,
-peak RSS and CPU seconds per GB of the path's own processes; prints the figures and each
-candidate's ratio to each baseline; writes everything as JSON.
+peak RSS and CPU seconds per GB of the path's own processes (in total and per hop); prints
+the figures and each candidate's ratio to each baseline; writes everything as JSON.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from .common import (
     iperf3_ready,
     iperf3_throughput,
     new_flow_latencies,
+    path_hops,
     percentile,
     sustained_flow_rate,
 )
@@ -117,15 +118,17 @@ def unavailable(spec: PathSpec) -> str | None:
 
 def measure(
     path: DataPath, iperf_port: int, echo_port: int, params: Params
-) -> dict[str, float | int | None]:
+) -> dict[str, float | int | dict[str, float | None] | None]:
     """Every figure for one path: throughput, then the new-flow workloads."""
     port = path.setup(iperf_port)
     try:
         iperf3_ready(port)
+        hops = path_hops(path)
         sampler = ProcessSampler(path.pids()).start()
         one = iperf3_throughput(port, params.seconds, parallel=1)
         eight = iperf3_throughput(port, params.seconds, parallel=8)
         rss_a, cpu = sampler.stop()
+        cpu_by_root = sampler.cpu_by_root
         has_procs = bool(sampler.roots)
     finally:
         path.teardown()
@@ -138,6 +141,10 @@ def measure(
     finally:
         path.teardown()
     gigabytes = (one.bytes + eight.bytes) / 1e9
+
+    def per_gb(seconds: float) -> float | None:
+        return seconds / gigabytes if has_procs and gigabytes > 0 else None
+
     return {
         "throughput_1_gbps": one.bits_per_second / 1e9,
         "throughput_8_gbps": eight.bits_per_second / 1e9,
@@ -146,7 +153,10 @@ def measure(
         "flows_per_s": rate.per_second,
         "flows_failed": rate.failed,
         "rss_peak_mb": max(rss_a, rss_b) / 2**20 if has_procs else None,
-        "cpu_s_per_gb": cpu / gigabytes if has_procs and gigabytes > 0 else None,
+        "cpu_s_per_gb": per_gb(cpu),
+        # The same CPU split by hop (each hop's root process and its descendants); the hops
+        # cover every root, so they add up to cpu_s_per_gb. {} for a path without processes.
+        "cpu_s_per_gb_by_hop": {hop: per_gb(cpu_by_root[pid]) for hop, pid in hops.items()},
     }
 
 
@@ -195,6 +205,12 @@ def print_report(
             continue
         table.add_row(name, *(_fmt(res.get(k), f) for k, _, _, f in METRICS))
     console.print(table)
+    for name, res in results.items():
+        by_hop = res.get("cpu_s_per_gb_by_hop")
+        if by_hop:
+            figures = " · ".join(f"{hop} {_fmt(v, '{:.3f}')}" for hop, v in by_hop.items())
+            # markup=False: a hop named after its process (e.g. "comm/PID") is plain text.
+            console.print(f"CPU s/GB by hop — {name}: {figures}", markup=False)
     for name, res in results.items():
         if res.get("flows_failed"):
             console.print(f"[yellow]{name}: {res['flows_failed']} new flows failed[/yellow]")

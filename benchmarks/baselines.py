@@ -13,7 +13,7 @@ import datetime
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -51,6 +51,7 @@ class SocatPath:
 
     def __init__(self, workdir: Path) -> None:
         self.procs = Processes(workdir)
+        self.socat_pid = 0
 
     def setup(self, target_port: int) -> int:
         """Start socat listening on a free port."""
@@ -59,16 +60,22 @@ class SocatPath:
         proc = self.procs.start(
             ["socat", listen, f"TCP:{LOOPBACK}:{target_port},nodelay"], "socat.log"
         )
+        self.socat_pid = proc.pid
         wait_port(port, proc=proc)
         return port
 
     def teardown(self) -> None:
         """Stop socat and its per-flow children."""
         self.procs.stop_all()
+        self.socat_pid = 0
 
     def pids(self) -> Sequence[int]:
         """The listening socat (its forked children are found as descendants)."""
         return [p.pid for p in self.procs.procs]
+
+    def hops(self) -> Mapping[str, int]:
+        """One hop: the listening socat with its per-flow children."""
+        return {"socat": self.socat_pid}
 
 
 def _keygen(path: Path) -> None:
@@ -90,6 +97,7 @@ class SshPath:
         self.procs = Processes(workdir)
         self.sshd_port = 0
         self.client_key = workdir / "client_ed25519"
+        self.sshd_pid = self.client_pid = 0
 
     def _start_sshd(self) -> None:
         d = self.workdir
@@ -117,6 +125,7 @@ class SshPath:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # privilege separation directory
         sshd = shutil.which("sshd") or "/usr/sbin/sshd"  # sshd insists on an absolute path
         proc = self.procs.start([sshd, "-D", "-e", "-f", str(cfg)], "sshd.log")
+        self.sshd_pid = proc.pid
         wait_port(self.sshd_port, proc=proc)
 
     def setup(self, target_port: int) -> int:
@@ -133,6 +142,7 @@ class SshPath:
         argv += ["-i", str(self.client_key), "-p", str(self.sshd_port)]
         argv += ["-L", f"{LOOPBACK}:{port}:{LOOPBACK}:{target_port}", f"root@{LOOPBACK}"]
         proc = self.procs.start(argv, f"{self.name}-client.log")
+        self.client_pid = proc.pid
         try:
             wait_port(port, proc=proc)
         except BenchmarkError as exc:
@@ -144,10 +154,15 @@ class SshPath:
         """Stop the forward and sshd."""
         self.procs.stop_all()
         self.sshd_port = 0
+        self.sshd_pid = self.client_pid = 0
 
     def pids(self) -> Sequence[int]:
         """The ssh client and the sshd listener (per-connection sshd children are descendants)."""
         return [p.pid for p in self.procs.procs]
+
+    def hops(self) -> Mapping[str, int]:
+        """The ssh client, then sshd (the listener and its per-connection children)."""
+        return {"ssh": self.client_pid, "sshd": self.sshd_pid}
 
 
 def self_signed_cert(workdir: Path, hostname: str = "localhost") -> tuple[Path, Path]:
@@ -192,6 +207,7 @@ class StunnelPath:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.procs = Processes(workdir)
+        self.client_pid = self.server_pid = 0
 
     def _conf(self, role: str, body: str) -> Path:
         path = self.workdir / f"{role}.conf"
@@ -223,18 +239,25 @@ class StunnelPath:
             f"CAfile = {cert}\nverifyChain = yes\ncheckHost = localhost\n",
         )
         srv = self.procs.start([_stunnel(), str(server)], "stunnel-server.log")
+        self.server_pid = srv.pid
         wait_port(tls_port, proc=srv)
         cli = self.procs.start([_stunnel(), str(client)], "stunnel-client.log")
+        self.client_pid = cli.pid
         wait_port(port, proc=cli)
         return port
 
     def teardown(self) -> None:
         """Stop both stunnels."""
         self.procs.stop_all()
+        self.client_pid = self.server_pid = 0
 
     def pids(self) -> Sequence[int]:
         """Both stunnel processes."""
         return [p.pid for p in self.procs.procs]
+
+    def hops(self) -> Mapping[str, int]:
+        """The client-mode stunnel, then the server-mode one."""
+        return {"stunnel-client": self.client_pid, "stunnel-server": self.server_pid}
 
 
 def _ssh_default(workdir: Path) -> DataPath:

@@ -31,10 +31,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, runtime_checkable
 
 LOOPBACK = "127.0.0.1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -68,6 +68,47 @@ class DataPath(Protocol):
     def pids(self) -> Sequence[int]:
         """Processes implementing the path (descendants are included automatically)."""
         ...
+
+
+@runtime_checkable
+class HopsPath(DataPath, Protocol):
+    """A path that names its hops (optional: see :func:`path_hops` for the fallback)."""
+
+    def hops(self) -> Mapping[str, int]:
+        """Hop name -> root pid, in flow order; each hop is that pid's process tree.
+
+        Every pid is one of :meth:`~DataPath.pids`; called after :meth:`~DataPath.setup`.
+        """
+        ...
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() or str(pid)
+    except OSError:
+        return str(pid)  # exited: its pid is the only name left
+
+
+def path_hops(path: DataPath) -> dict[str, int]:
+    """Hop name -> root pid for a set-up ``path``, covering every root of ``pids()``.
+
+    The path's own ``hops()`` names what it knows; any root it leaves out (or every root, for
+    a path without ``hops()``) becomes a hop named by ``/proc/PID/comm`` (``comm/PID`` if that
+    name is taken), so the hops always add up to the path's total.
+    """
+    roots = list(path.pids())
+    named = dict(path.hops()) if isinstance(path, HopsPath) else {}
+    strays = sorted(set(named.values()) - set(roots))
+    if strays:
+        raise BenchmarkError(f"{path.name}: hops name pids that are not its roots: {strays}")
+    covered = set(named.values())
+    for pid in roots:
+        if pid in covered:
+            continue
+        name = _comm(pid)
+        named[name if name not in named else f"{name}/{pid}"] = pid
+        covered.add(pid)
+    return named
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,15 +416,25 @@ def _children_map() -> dict[int, list[int]]:
 
 def process_tree(roots: Sequence[int]) -> list[int]:
     """``roots`` and all their live descendants."""
+    return [pid for tree in process_trees(roots).values() for pid in tree]
+
+
+def process_trees(roots: Sequence[int]) -> dict[int, list[int]]:
+    """Each root with its live descendants (one read of ``/proc``); a process reachable from
+    two roots belongs to the first."""
     children = _children_map()
-    out: list[int] = []
-    todo = list(roots)
-    while todo:
-        pid = todo.pop()
-        if pid in out:
-            continue
-        out.append(pid)
-        todo.extend(children.get(pid, ()))
+    seen: set[int] = set()
+    out: dict[int, list[int]] = {}
+    for root in roots:
+        tree = out.setdefault(root, [])
+        todo = [root]
+        while todo:
+            pid = todo.pop()
+            if pid in seen:
+                continue
+            seen.add(pid)
+            tree.append(pid)
+            todo.extend(children.get(pid, ()))
     return out
 
 
@@ -408,25 +459,28 @@ def _rss_bytes(pid: int) -> int:
 
 
 class ProcessSampler:
-    """Peak total RSS and CPU time of a path's process tree while a workload runs.
+    """Peak total RSS and CPU time of a path's process trees while a workload runs.
 
-    A background thread samples the tree every ``interval`` seconds; :meth:`stop` returns
-    (peak RSS bytes, CPU seconds consumed since :meth:`start`).
+    A background thread samples the trees every ``interval`` seconds; :meth:`stop` returns
+    (peak RSS bytes, CPU seconds consumed since :meth:`start`), and :attr:`cpu_by_root` then
+    holds those CPU seconds per root (its tree), which add up to the total.
     """
 
     def __init__(self, roots: Sequence[int], interval: float = 0.1) -> None:
         self.roots = list(roots)
         self.interval = interval
         self.peak_rss = 0
-        self._cpu_start = 0.0
-        self._cpu_last = 0.0
+        self._cpu_start: dict[int, float] = {}
+        self._cpu_last: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
     def _sample(self) -> None:
-        tree = process_tree(self.roots)
-        self.peak_rss = max(self.peak_rss, sum(_rss_bytes(p) for p in tree))
-        self._cpu_last = sum(_cpu_seconds(p) for p in tree)
+        trees = process_trees(self.roots)
+        self.peak_rss = max(
+            self.peak_rss, sum(_rss_bytes(p) for tree in trees.values() for p in tree)
+        )
+        self._cpu_last = {root: sum(_cpu_seconds(p) for p in tree) for root, tree in trees.items()}
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -435,16 +489,28 @@ class ProcessSampler:
     def start(self) -> ProcessSampler:
         """Take the first sample and start sampling in the background."""
         self._sample()
-        self._cpu_start = self._cpu_last
+        self._cpu_start = dict(self._cpu_last)
         self._thread.start()
         return self
 
+    @property
+    def cpu_by_root(self) -> dict[int, float]:
+        """CPU seconds per root's tree between :meth:`start` and the latest sample.
+
+        Clamped at 0 per root: a root that exited reads as 0, and must not cancel another
+        root's time.
+        """
+        return {
+            root: max(0.0, self._cpu_last.get(root, 0.0) - self._cpu_start.get(root, 0.0))
+            for root in self.roots
+        }
+
     def stop(self) -> tuple[int, float]:
-        """Stop sampling; return (peak RSS bytes, CPU seconds used meanwhile)."""
+        """Stop sampling; return (peak RSS bytes, CPU seconds used meanwhile, all roots)."""
         self._stop.set()
         self._thread.join()
         self._sample()
-        return self.peak_rss, max(0.0, self._cpu_last - self._cpu_start)
+        return self.peak_rss, sum(self.cpu_by_root.values())
 
 
 def have_tools(tools: Sequence[str]) -> list[str]:

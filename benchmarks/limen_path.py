@@ -15,8 +15,9 @@ private probe echo port served by this process, and a plain CONNECT through the 
 forward is ready once it reports its listening socket. The probe never touches the target,
 which for throughput is an iperf3 server that takes any stray connection for a test.
 
-The processes measured (memory, CPU) are the three Limen hops: ``serve`` (edge + API),
-the connector and the client.
+The processes measured (memory, CPU) are the three Limen hops, in flow order: ``client``
+(``limen client forward``), ``edge`` (``limen serve``: edge + API) and ``connector``
+(``limen connector run``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,8 @@ APP_NAME = "bench-target"
 # Limen's first start creates its CA, migrates SQLite and hashes the bootstrap token: slower
 # than the baselines' helpers, so it gets a longer bound.
 START_TIMEOUT = 60.0
+# The hops of the path in flow order (see LimenPath.hops).
+HOP_ROLES = ("client", "edge", "connector")
 
 
 def limen_executable() -> str:
@@ -158,6 +161,9 @@ class LimenPath:
         self.limen = limen_executable()
         self.probe: ProbeEcho | None = None
         self._round = 0
+        # Role -> pid of the long-running processes, recorded as each starts: teardown
+        # reorders self.procs.procs, so the list's order says nothing about roles.
+        self.role_pids: dict[str, int] = {}
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -296,6 +302,7 @@ class LimenPath:
         if self.uvloop is not None:
             env["LIMEN_UVLOOP"] = "1" if self.uvloop else "0"
         serve = self.procs.start([self.limen, "serve"], self._log("serve"), env=env)
+        self.role_pids["edge"] = serve.pid
         try:
             wait_port(api_port, timeout=START_TIMEOUT, proc=serve)
             self._wait_file(data / "admin-token", serve, START_TIMEOUT)
@@ -319,11 +326,12 @@ class LimenPath:
             ],
             dict(dep.env, LIMEN_ENROLLMENT_TOKEN=enrollment),
         )
-        self.procs.start(
+        connector = self.procs.start(
             [self.limen, "connector", "run", "--data-dir", str(dep.connector_dir), *connector_args],
             self._log("connector"),
             env=dep.env,
         )
+        self.role_pids["connector"] = connector.pid
         self._run(
             [
                 *(self.limen, "client", "login", "--api", dep.api_url, "--ca-file", str(ca_file)),
@@ -355,6 +363,7 @@ class LimenPath:
             self._log("client"),
             env=env,
         )
+        self.role_pids["client"] = forward.pid
         # Printed once the session to the edge is up and the local socket listens.
         self._wait_log(self._log("client"), "forwarding ", forward)
         return listen_port
@@ -367,10 +376,15 @@ class LimenPath:
         # Reverse order: the client and connector first, so the service sees clean closes.
         self.procs.procs.reverse()
         self.procs.stop_all()
+        self.role_pids.clear()
 
     def pids(self) -> Sequence[int]:
         """The three Limen hops: service (edge + API), connector, client."""
         return [p.pid for p in self.procs.procs]
+
+    def hops(self) -> Mapping[str, int]:
+        """``client`` (forward), ``edge`` (serve: edge + API), ``connector``: those running."""
+        return {role: self.role_pids[role] for role in HOP_ROLES if role in self.role_pids}
 
 
 def limen_uvloop(workdir: Path) -> LimenPath:

@@ -1,8 +1,10 @@
 """Smoke run of the data-plane benchmark suite, so it never rots.
 
 Runs ``python -m benchmarks --quick --only direct,<limen path> --json <tmp>`` (tiny sizes)
-as a subprocess and checks that every figure came out for both paths. The figures themselves
-are never asserted: they depend on the machine.
+as a subprocess and checks that every figure came out for both paths, the Limen path's CPU
+split by hop included. The figures themselves are never asserted: they depend on the machine.
+The per-hop CPU accounting (process trees, the fallback hop names) is also checked directly,
+on processes of known cost.
 
 Needs ``iperf3`` on PATH: skipped without it, except in CI (``CI=true``), where a missing
 prerequisite fails the test so a broken image cannot pass silently.
@@ -14,11 +16,14 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from benchmarks.common import ProcessSampler, path_hops
 from tests.bench_runs import run_benchmark
 
 # Well under pytest's own timeout: the run takes ~25 s; a hung path is interrupted (SIGINT,
@@ -66,7 +71,99 @@ def test_quick_run_measures_direct_and_limen(tmp_path: Path, limen_path: str) ->
     assert results[limen_path]["rss_peak_mb"] > 0
     assert results[limen_path]["cpu_s_per_gb"] > 0
     assert results["direct"]["rss_peak_mb"] is None
+    # CPU per hop: Limen's three processes, named by role, adding up to the path's total.
+    by_hop = results[limen_path]["cpu_s_per_gb_by_hop"]
+    assert set(by_hop) == {"client", "edge", "connector"}, by_hop
+    assert all(isinstance(v, int | float) and v >= 0 for v in by_hop.values()), by_hop
+    assert sum(by_hop.values()) == pytest.approx(results[limen_path]["cpu_s_per_gb"])
+    assert results["direct"]["cpu_s_per_gb_by_hop"] == {}
+    assert f"CPU s/GB by hop — {limen_path}: client " in done.stdout, done.stdout[-4000:]
     # Limen is the candidate: its ratio to the baseline is reported.
     assert any(
         row["path"] == limen_path and row["baseline"] == "direct" for row in report["ratios"]
     )
+
+
+# Roots that say "ready" once running: one whose child burns CPU once told to (a line on
+# stdin), then says "done"; one idle. Both wait for EOF.
+BURN_CPU_S = 0.3
+BURNER = f"""
+import subprocess, sys
+burn = "import time\\nt = time.process_time()\\nwhile time.process_time() - t < {BURN_CPU_S}: pass"
+print("ready", flush=True)
+sys.stdin.readline()
+subprocess.run([sys.executable, "-c", burn], check=True)
+print("done", flush=True)
+sys.stdin.read()
+"""
+IDLE = "import sys; print('ready', flush=True); sys.stdin.read()"
+
+
+class _UnnamedPath:
+    """A path without hops(): its hops fall back to the roots' command names."""
+
+    name = "unnamed"
+
+    def __init__(self, roots: Sequence[int]) -> None:
+        self.roots = list(roots)
+
+    def setup(self, target_port: int) -> int:
+        return target_port
+
+    def teardown(self) -> None:
+        pass
+
+    def pids(self) -> Sequence[int]:
+        return self.roots
+
+
+@pytest.fixture
+def burner_and_idle() -> Iterator[tuple[subprocess.Popen[str], subprocess.Popen[str]]]:
+    with (
+        subprocess.Popen(
+            [sys.executable, "-c", BURNER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as burner,
+        subprocess.Popen(
+            [sys.executable, "-c", IDLE],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as idle,
+    ):
+        try:
+            for proc in (burner, idle):
+                assert proc.stdout is not None  # PIPE
+                # Running its own code: /proc/PID/comm is no longer the forking parent's.
+                assert proc.stdout.readline().strip() == "ready"
+            yield burner, idle
+        finally:
+            # Leaving the with block closes the pipes and reaps both.
+            burner.kill()
+            idle.kill()
+
+
+def test_cpu_is_split_by_root_tree_and_unnamed_roots_are_named_by_command(
+    burner_and_idle: tuple[subprocess.Popen[str], subprocess.Popen[str]],
+) -> None:
+    burner, idle = burner_and_idle
+    path = _UnnamedPath([burner.pid, idle.pid])
+    hops = path_hops(path)
+    comm = Path(f"/proc/{burner.pid}/comm").read_text().strip()
+    # Two roots with one command name: the second is told apart by its pid.
+    assert hops == {comm: burner.pid, f"{comm}/{idle.pid}": idle.pid}
+
+    sampler = ProcessSampler(path.pids()).start()
+    assert burner.stdin is not None and burner.stdout is not None  # PIPEs
+    burner.stdin.write("go\n")
+    burner.stdin.flush()
+    assert burner.stdout.readline().strip() == "done"  # the child has burned and been reaped
+    _, total = sampler.stop()
+
+    by_root = sampler.cpu_by_root
+    # The burning grandchild's time counts for its root (reaped: in the root's cutime).
+    assert by_root[burner.pid] >= BURN_CPU_S * 0.9, by_root
+    assert by_root[idle.pid] < 0.05, by_root
+    assert total == pytest.approx(sum(by_root.values()))
