@@ -12,57 +12,13 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from limen.net.endpoints import Buffer, TransportEndpoint
-from limen.net.mux import EarlyData, MuxConnection, MuxStream, open_flow
+from limen.net.endpoints import TransportEndpoint
+from limen.net.mux import EarlyData, open_flow
 from limen.net.relay import Relay
 from limen.net.tasks import spawn
 from limen.wire import connect as wire
+from tests.muxpair import Collect, mux_pair, next_stream
 from tests.support import EchoServer, Tenant, running_tenant
-
-
-class _Collect:
-    """Receiver that keeps what a stream delivers and wakes a waiter on each chunk."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.changed = asyncio.Event()
-
-    def on_data(self, data: Buffer) -> None:
-        self.data += data
-        self.changed.set()
-
-    def on_eof(self) -> None:
-        self.changed.set()
-
-    def on_closed(self, error: BaseException | None) -> None:
-        self.changed.set()
-
-    def on_drained(self) -> None:
-        pass
-
-    async def until(self, predicate: object, what: str) -> None:
-        assert callable(predicate)
-        async with asyncio.timeout(5):
-            while not predicate(bytes(self.data)):
-                self.changed.clear()
-                await self.changed.wait()
-
-
-@asynccontextmanager
-async def _mux_pair() -> AsyncIterator[tuple[MuxConnection, asyncio.Queue[MuxStream]]]:
-    """A client MuxConnection and the streams its scripted peer accepts, in order."""
-    loop = asyncio.get_running_loop()
-    accepted: asyncio.Queue[MuxStream] = asyncio.Queue()
-    near, far = socket.socketpair()
-    client = MuxConnection(is_client=True, name="client")
-    server = MuxConnection(is_client=False, name="peer", on_stream=accepted.put_nowait)
-    await loop.create_connection(lambda: client, sock=near)
-    await loop.create_connection(lambda: server, sock=far)
-    try:
-        yield client, accepted
-    finally:
-        client.close()
-        server.close()
 
 
 @asynccontextmanager
@@ -80,21 +36,16 @@ async def _application() -> AsyncIterator[tuple[TransportEndpoint, socket.socket
         app.close()
 
 
-async def _next_stream(accepted: asyncio.Queue[MuxStream]) -> MuxStream:
-    async with asyncio.timeout(5):
-        return await accepted.get()
-
-
 async def test_early_data_leaves_before_the_answer_and_again_on_retry() -> None:
     loop = asyncio.get_running_loop()
     head = wire.encode_request("tcp", "10.0.0.1", 22, [("Proxy-Authorization", "Bearer t")])
-    async with _mux_pair() as (client, accepted), _application() as (local, app):
+    async with mux_pair() as (client, accepted), _application() as (local, app):
         await loop.sock_sendall(app, b"SSH-2.0-first\r\n")
         early = EarlyData(local)
         first = spawn(open_flow(client, head, early=early), name="open")
 
-        peer = _Collect()
-        (first_stream := await _next_stream(accepted)).attach(peer)
+        peer = Collect()
+        (first_stream := await next_stream(accepted)).attach(peer)
         await peer.until(lambda d: d.endswith(b"first\r\n"), "early data")
         assert bytes(peer.data) == head + b"SSH-2.0-first\r\n"  # head, then data, no answer yet
         # More from the application while the flow still opens goes on at once.
@@ -108,8 +59,8 @@ async def test_early_data_leaves_before_the_answer_and_again_on_retry() -> None:
 
         # The retry sends the head and everything so far again, once.
         second = spawn(open_flow(client, head, early=early), name="open")
-        retry = _Collect()
-        (second_stream := await _next_stream(accepted)).attach(retry)
+        retry = Collect()
+        (second_stream := await next_stream(accepted)).attach(retry)
         await retry.until(lambda d: d.endswith(b"more"), "early data again")
         assert bytes(retry.data) == head + b"SSH-2.0-first\r\nmore"
         second_stream.write(wire.encode_response(200) + b"SSH-2.0-server\r\n")
@@ -130,11 +81,11 @@ async def test_early_data_leaves_before_the_answer_and_again_on_retry() -> None:
 async def test_early_data_is_bounded_while_the_flow_opens() -> None:
     loop = asyncio.get_running_loop()
     head = wire.encode_request("tcp", "10.0.0.1", 80)
-    async with _mux_pair() as (client, accepted), _application() as (local, app):
+    async with mux_pair() as (client, accepted), _application() as (local, app):
         early = EarlyData(local, limit=4096)
         opening = spawn(open_flow(client, head, early=early), name="open")
-        peer = _Collect()
-        (first_stream := await _next_stream(accepted)).attach(peer)
+        peer = Collect()
+        (first_stream := await next_stream(accepted)).attach(peer)
         # The application writes far more than the limit: the endpoint stops reading, so
         # the write stalls once the socket buffers are full (a wrong implementation would
         # read it all and let it finish).

@@ -37,7 +37,12 @@ EARLY_DATA_LIMIT = 64 * 1024
 
 
 class MuxStream:
-    """One yamux stream as an :class:`~limen.net.endpoints.Endpoint`."""
+    """One yamux stream as an :class:`~limen.net.endpoints.Endpoint`.
+
+    While no receiver is attached, or reading is paused, what arrives is held (in order,
+    EOF after the data) and its window is not returned, so the peer stops once the window
+    is spent; it is delivered when a receiver is attached or reading resumes. A paused
+    receiver therefore never gets data it said it cannot take."""
 
     __slots__ = (
         "_backlog",
@@ -60,6 +65,7 @@ class MuxStream:
         self._pending: memoryview | None = None
         self._eof_pending = False
         self._paused = False
+        #: Bytes received and not yet acknowledged (held, or taken while paused).
         self._held = 0
         self._backlog: list[bytes] = []
         self._backlog_eof = False
@@ -71,7 +77,7 @@ class MuxStream:
 
     def _on_data(self, data: Buffer) -> None:
         receiver = self.receiver
-        if receiver is None:
+        if receiver is None or self._paused or self._backlog:
             self._backlog.append(bytes(data))
             self._held += len(data)
             return
@@ -82,7 +88,7 @@ class MuxStream:
             self.conn.session.acknowledge(self.stream_id, len(data), self.conn.now())
 
     def _on_eof(self) -> None:
-        if self.receiver is None:
+        if self.receiver is None or self._paused or self._backlog:
             self._backlog_eof = True
         else:
             self.receiver.on_eof()
@@ -125,6 +131,11 @@ class MuxStream:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes received but not yet delivered to a receiver (no receiver, or paused)."""
+        return sum(len(chunk) for chunk in self._backlog)
+
     def attach(self, receiver: Receiver) -> None:
         """Deliver to ``receiver`` from now on (what was held first); reading resumes."""
         self.receiver = receiver
@@ -133,15 +144,23 @@ class MuxStream:
             self.receiver = None
             receiver.on_closed(None)
             return
-        backlog, self._backlog = self._backlog, []
-        for chunk in backlog:
-            receiver.on_data(chunk)
-            if self.receiver is None:
+        self._deliver_held()
+
+    def _deliver_held(self) -> None:
+        """Hand what was held to the receiver until it pauses; then return the window of
+        what it took, once nothing is left held."""
+        receiver = self.receiver
+        backlog = self._backlog
+        while backlog:
+            if self.receiver is not receiver or receiver is None or self._paused:
                 return
+            receiver.on_data(backlog.pop(0))
+        if self.receiver is not receiver or receiver is None or self._paused:
+            return
         if self._backlog_eof:
             self._backlog_eof = False
             receiver.on_eof()
-        if not self._paused and self._held and self.receiver is receiver:
+        if self._held and self.receiver is receiver and not self._paused:
             held, self._held = self._held, 0
             self.conn.session.acknowledge(self.stream_id, held, self.conn.now())
             self.conn.flush()
@@ -157,7 +176,8 @@ class MuxStream:
         if self._closed:
             return
         if self._pending is not None:
-            # The caller ignored ``full``; keep the order, at the cost of one copy.
+            # The caller ignored ``full``; keep the order, at the cost of one copy (the
+            # relay never does: it pauses its source, which then holds what arrives).
             self._pending = memoryview(bytes(self._pending) + bytes(data))
             return
         try:
@@ -198,10 +218,8 @@ class MuxStream:
         if not self._paused:
             return
         self._paused = False
-        if self._held and self.receiver is not None:
-            held, self._held = self._held, 0
-            self.conn.session.acknowledge(self.stream_id, held, self.conn.now())
-            self.conn.flush()
+        if self.receiver is not None:
+            self._deliver_held()
 
     def _forget_if_done(self) -> None:
         if self.conn.session.stream_state(self.stream_id) is yamux.StreamState.CLOSED:

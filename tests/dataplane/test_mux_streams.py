@@ -1,0 +1,103 @@
+"""The mux shell's receive side: a paused stream holds what arrives (in order, EOF last) and
+returns no window for it, so a receiver that paused never gets data it cannot take — the
+relay relies on it to keep memory bounded and to avoid re-buffering (docs/architecture.md)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from limen.net.endpoints import Buffer
+from limen.net.mux import MuxStream
+from limen.wire.yamux import INITIAL_WINDOW
+from tests.muxpair import Collect, mux_pair, next_stream
+
+
+class _PausesAfterFirstChunk(Collect):
+    """Pauses its stream on every chunk while ``pausing``; counts what still arrives."""
+
+    def __init__(self, stream: MuxStream) -> None:
+        super().__init__()
+        self.stream = stream
+        self.pausing = True
+        self.paused = False
+        self.while_paused = 0
+
+    def on_data(self, data: Buffer) -> None:
+        if self.paused:
+            self.while_paused += len(data)
+        super().on_data(data)
+        if self.pausing:
+            self.stream.pause_reading()
+            self.paused = True
+
+    def on_eof(self) -> None:
+        if self.paused:
+            self.while_paused += 1
+        super().on_eof()
+
+
+async def _until_held(stream: MuxStream, nbytes: int) -> None:
+    for _ in range(1000):  # bounded poll (5 s): holding raises no event
+        if stream.held_bytes >= nbytes:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"{stream.held_bytes} bytes held, expected {nbytes}")
+
+
+async def test_paused_stream_holds_data_and_eof_until_resumed() -> None:
+    async with mux_pair() as (client, accepted):
+        near = client.open_stream()
+        near.write(b"first")
+        far = await next_stream(accepted)
+        receiver = _PausesAfterFirstChunk(far)
+        far.attach(receiver)
+        await receiver.until(lambda d: d == b"first", "the first chunk")
+
+        # While paused: nearly a window's worth more. None of it is delivered...
+        more = bytes(range(256)) * (INITIAL_WINDOW // 256 - 1)
+        near.write(more)
+        await _until_held(far, len(more))
+        assert bytes(receiver.data) == b"first" and receiver.while_paused == 0
+        # ...and its window is not returned: the sender has only what it never used.
+        left = INITIAL_WINDOW - len(b"first") - len(more)
+        assert client.session.send_window(near.stream_id) == left
+
+        # Resumed: all of it, in order, and the window comes back.
+        receiver.pausing = receiver.paused = False
+        far.resume_reading()
+        await receiver.until(lambda d: d == b"first" + more, "the held data")
+        for _ in range(1000):  # bounded poll (5 s) on the window update
+            if client.session.send_window(near.stream_id) >= len(more):
+                break
+            await asyncio.sleep(0.005)
+        else:
+            raise AssertionError("the window of the delivered data was not returned")
+
+        # EOF that arrives while paused waits behind the data held before it.
+        far.pause_reading()
+        receiver.paused = True
+        near.write(b"tail")
+        near.write_eof()
+        await _until_held(far, len(b"tail"))
+        assert not receiver.eof and receiver.while_paused == 0
+        receiver.paused = False
+        far.resume_reading()
+        await receiver.until(lambda d: d.endswith(b"tail"), "the tail")
+        assert receiver.eof
+
+
+async def test_detach_and_attach_keep_order_with_held_data() -> None:
+    async with mux_pair() as (client, accepted):
+        near = client.open_stream()
+        near.write(b"head|")
+        far = await next_stream(accepted)
+        first = Collect()
+        far.attach(first)
+        await first.until(lambda d: d == b"head|", "the head")
+        far.pause_reading()
+        far.detach(replay=b"replayed|")
+        near.write(b"later")
+        await _until_held(far, len(b"replayed|later"))
+        second = Collect()
+        far.attach(second)
+        await second.until(lambda d: d == b"replayed|later", "replay then later data")
