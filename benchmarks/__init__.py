@@ -11,10 +11,10 @@ directory and returns an object with ``name``, ``setup(target_port) -> listen_po
 from __future__ import annotations
 
 from .common import PathSpec
-from .limen_path import LimenPath, limen_uvloop
+from .limen_path import LimenPath, limen_asyncio
 
 # The Limen paths (client → edge → connector → target on loopback), compared with every
-# baseline: as shipped (the standard asyncio loop) and with uvloop (LIMEN_UVLOOP=1). The plain
+# baseline: as shipped (uvloop) and with the standard asyncio loop (LIMEN_UVLOOP=0). The plain
 # CONNECT path (curl-style, one TLS connection per flow) is not a port forward, so it is not
 # measured here.
 LIMEN_PATHS: list[PathSpec] = [
@@ -25,9 +25,9 @@ LIMEN_PATHS: list[PathSpec] = [
         baseline=False,
     ),
     PathSpec(
-        "limen-uvloop",
-        "the same with uvloop in every process (LIMEN_UVLOOP=1)",
-        limen_uvloop,
+        "limen-asyncio",
+        "the same with the standard asyncio loop in every process (LIMEN_UVLOOP=0)",
+        limen_asyncio,
         baseline=False,
     ),
 ]

@@ -148,8 +148,8 @@ class Deployment:
 class LimenPath:
     """``limen client forward`` → edge (``limen serve``) → ``limen connector run`` → target.
 
-    ``uvloop``: None runs the commands as shipped (the standard asyncio loop, unless
-    ``LIMEN_UVLOOP`` says otherwise in the environment); True forces uvloop
+    ``uvloop``: None runs the commands as shipped (uvloop, unless ``LIMEN_UVLOOP`` says
+    otherwise in the environment); True forces uvloop
     (``LIMEN_UVLOOP=1``) and False the asyncio loop in all three processes.
     """
 
@@ -387,6 +387,7 @@ class LimenPath:
         return {role: self.role_pids[role] for role in HOP_ROLES if role in self.role_pids}
 
 
-def limen_uvloop(workdir: Path) -> LimenPath:
-    """The Limen path with uvloop in every process (the default is the asyncio loop)."""
-    return LimenPath(workdir, name="limen-uvloop", uvloop=True)
+def limen_asyncio(workdir: Path) -> LimenPath:
+    """The Limen path with the standard asyncio loop in every process (the default is
+    uvloop)."""
+    return LimenPath(workdir, name="limen-asyncio", uvloop=False)

@@ -44,7 +44,7 @@ def _run_suite(argv: list[str]) -> subprocess.CompletedProcess[str]:
     return run_benchmark("benchmarks", argv, RUN_TIMEOUT)
 
 
-@pytest.mark.parametrize("limen_path", ["limen", "limen-uvloop"])
+@pytest.mark.parametrize("limen_path", ["limen", "limen-asyncio"])
 def test_quick_run_measures_direct_and_limen(tmp_path: Path, limen_path: str) -> None:
     _require_iperf3()
     out_json = tmp_path / "bench.json"
