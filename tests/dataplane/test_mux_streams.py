@@ -5,9 +5,10 @@ relay relies on it to keep memory bounded and to avoid re-buffering (docs/archit
 from __future__ import annotations
 
 import asyncio
+import socket
 
 from limen.net.endpoints import Buffer
-from limen.net.mux import MuxStream
+from limen.net.mux import NOTSENT_LOWAT, MuxConnection, MuxStream
 from limen.wire.yamux import INITIAL_WINDOW
 from tests.muxpair import Collect, mux_pair, next_stream
 
@@ -101,3 +102,34 @@ async def test_detach_and_attach_keep_order_with_held_data() -> None:
         second = Collect()
         far.attach(second)
         await second.until(lambda d: d == b"replayed|later", "replay then later data")
+
+
+async def test_mux_tcp_sockets_keep_little_unsent_data_and_no_nagle() -> None:
+    """Over TCP, a mux connection's socket holds at most NOTSENT_LOWAT unsent bytes (so
+    frames of other streams do not queue behind megabytes of one bulk stream) and sends
+    small frames at once (no Nagle)."""
+    loop = asyncio.get_running_loop()
+    accepted: list[MuxConnection] = []
+
+    def accept() -> MuxConnection:
+        accepted.append(MuxConnection(is_client=False, name="peer"))
+        return accepted[-1]
+
+    server = await loop.create_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = MuxConnection(is_client=True, name="client")
+    try:
+        await loop.create_connection(lambda: client, "127.0.0.1", port)
+        async with asyncio.timeout(5):
+            await client.ready
+        for conn in (client, *accepted):
+            assert conn.transport is not None
+            sock = conn.transport.get_extra_info("socket")
+            lowat = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+            assert lowat == NOTSENT_LOWAT
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        client.close()
+        for conn in accepted:
+            conn.close()
+        server.close()
