@@ -219,6 +219,10 @@ class Host:
         """Terminate every tracked process, SIGKILL whatever remains, then run the cleanups."""
         for proc in self.procs:
             _terminate(proc)
+            # A test that failed midway never read or closed its pipes.
+            for pipe in (proc.stdin, proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
         self.procs.clear()
         _kill_ns_pids(self.ns)
         while self.cleanups:
