@@ -2,8 +2,9 @@
 
 Installs missing tools with apt when run as root, then for each selected path measures
 single- and 8-flow throughput, new-flow latency (p50/p99), sustained new flows per second,
-peak RSS and CPU seconds per GB of the path's own processes (in total and per hop); prints
-the figures and each candidate's ratio to each baseline; writes everything as JSON.
+an open flow's round trip while bulk flows share the path (p50/p99), peak RSS and CPU seconds
+per GB of the path's own processes (in total and per hop); prints the figures and each
+candidate's ratio to each baseline; writes everything as JSON.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .common import (
     have_tools,
     iperf3_ready,
     iperf3_throughput,
+    loaded_rtts,
     new_flow_latencies,
     path_hops,
     percentile,
@@ -64,10 +66,14 @@ class Params:
     samples: int
     flow_seconds: float
     workers: int
+    busy_samples: int
+    bulk_flows: int
 
 
-QUICK = Params(seconds=1, samples=50, flow_seconds=1, workers=2)
-FULL = Params(seconds=5, samples=1000, flow_seconds=5, workers=4)
+QUICK = Params(seconds=1, samples=50, flow_seconds=1, workers=2, busy_samples=30, bulk_flows=2)
+FULL = Params(seconds=5, samples=1000, flow_seconds=5, workers=4, busy_samples=300, bulk_flows=4)
+# Seconds between two round trips of the interactive flow (someone typing, not a flood).
+RTT_PACE = 0.01
 
 # (key, column title, higher is better, format)
 METRICS: list[tuple[str, str, bool, str]] = [
@@ -76,6 +82,8 @@ METRICS: list[tuple[str, str, bool, str]] = [
     ("latency_p50_ms", "new flow p50 ms", False, "{:.3f}"),
     ("latency_p99_ms", "new flow p99 ms", False, "{:.3f}"),
     ("flows_per_s", "new flows/s", True, "{:.0f}"),
+    ("busy_rtt_p50_ms", "busy RTT p50 ms", False, "{:.2f}"),
+    ("busy_rtt_p99_ms", "busy RTT p99 ms", False, "{:.2f}"),
     ("rss_peak_mb", "peak RSS MB", False, "{:.1f}"),
     ("cpu_s_per_gb", "CPU s/GB", False, "{:.3f}"),
 ]
@@ -119,7 +127,8 @@ def unavailable(spec: PathSpec) -> str | None:
 def measure(
     path: DataPath, iperf_port: int, echo_port: int, params: Params
 ) -> dict[str, float | int | dict[str, float | None] | None]:
-    """Every figure for one path: throughput, then the new-flow workloads."""
+    """Every figure for one path: throughput, then the new-flow workloads, then an open
+    flow's round trips under bulk load (all echo workloads on one setup of the path)."""
     port = path.setup(iperf_port)
     try:
         iperf3_ready(port)
@@ -137,6 +146,7 @@ def measure(
         sampler = ProcessSampler(path.pids()).start()
         lat = new_flow_latencies(port, params.samples)
         rate = sustained_flow_rate(port, params.flow_seconds, params.workers)
+        loaded = loaded_rtts(port, params.bulk_flows, params.busy_samples, RTT_PACE)
         rss_b, _ = sampler.stop()
     finally:
         path.teardown()
@@ -152,6 +162,12 @@ def measure(
         "latency_p99_ms": percentile(lat, 99) * 1e3,
         "flows_per_s": rate.per_second,
         "flows_failed": rate.failed,
+        # One open flow's 1-byte round trip, idle and while bulk flows run through the path.
+        "idle_rtt_p50_ms": percentile(loaded.idle, 50) * 1e3,
+        "busy_rtt_p50_ms": percentile(loaded.busy, 50) * 1e3,
+        "busy_rtt_p99_ms": percentile(loaded.busy, 99) * 1e3,
+        "bulk_flows": loaded.bulk_flows,
+        "bulk_echo_gbps": loaded.bulk_bytes_per_second * 8 / 1e9,
         "rss_peak_mb": max(rss_a, rss_b) / 2**20 if has_procs else None,
         "cpu_s_per_gb": per_gb(cpu),
         # The same CPU split by hop (each hop's root process and its descendants); the hops
@@ -212,6 +228,14 @@ def print_report(
             # markup=False: a hop named after its process (e.g. "comm/PID") is plain text.
             console.print(f"CPU s/GB by hop — {name}: {figures}", markup=False)
     for name, res in results.items():
+        if "busy_rtt_p50_ms" in res:
+            console.print(
+                f"RTT under load — {name}: idle p50 {res['idle_rtt_p50_ms']:.2f} ms; with "
+                f"{res['bulk_flows']} bulk flows echoing {res['bulk_echo_gbps']:.2f} Gbit/s, "
+                f"p50 {res['busy_rtt_p50_ms']:.2f} ms, p99 {res['busy_rtt_p99_ms']:.2f} ms",
+                markup=False,
+            )
+    for name, res in results.items():
         if res.get("flows_failed"):
             console.print(f"[yellow]{name}: {res['flows_failed']} new flows failed[/yellow]")
         if "error" in res:
@@ -250,6 +274,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, help="new-flow latency samples")
     parser.add_argument("--flow-seconds", type=float, help="sustained new-flow duration")
     parser.add_argument("--workers", type=int, help="sustained new-flow worker processes")
+    parser.add_argument(
+        "--busy-samples", type=int, help="interactive round trips, idle and under bulk load"
+    )
+    parser.add_argument("--bulk-flows", type=int, help="bulk flows sharing the path meanwhile")
     parser.add_argument("--no-install", action="store_true", help="never call apt-get")
     args = parser.parse_args(argv)
 
@@ -259,7 +287,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         samples=args.samples or base.samples,
         flow_seconds=args.flow_seconds or base.flow_seconds,
         workers=args.workers or base.workers,
+        busy_samples=args.busy_samples or base.busy_samples,
+        bulk_flows=args.bulk_flows or base.bulk_flows,
     )
+    if params.busy_samples < 1 or params.bulk_flows < 1:
+        parser.error("--busy-samples and --bulk-flows must be positive")
     selected = specs
     if args.only:
         names = [n.strip() for group in args.only for n in group.split(",") if n.strip()]
@@ -318,6 +350,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "samples": params.samples,
                 "flow_seconds": params.flow_seconds,
                 "workers": params.workers,
+                "busy_samples": params.busy_samples,
+                "bulk_flows": params.bulk_flows,
+                "rtt_pace_s": RTT_PACE,
             },
             "elapsed_s": round(time.monotonic() - started, 1),
         },

@@ -10,6 +10,8 @@ measured the same way, by the same functions:
   close, timed with :func:`time.perf_counter`;
 - :func:`sustained_flow_rate`: the same flows back-to-back from several worker *processes*
   (so the Python load generator's GIL is not what gets measured) for a fixed duration;
+- :func:`loaded_rtts`: 1-byte round trips on one open flow, idle and while bulk flows run
+  through the same path (head-of-line blocking: does bulk traffic make a keystroke lag?);
 - :class:`ProcessSampler`: peak resident memory and CPU time of the processes implementing a
   path (its :meth:`DataPath.pids` and their descendants).
 
@@ -252,6 +254,7 @@ class EchoServer:
         procs.procs.append(proc)
         assert proc.stdout is not None  # set by stdout=PIPE
         line = proc.stdout.readline()
+        proc.stdout.close()  # the port is all it prints; an open pipe would leak a file
         if not line.strip().isdigit():
             raise BenchmarkError("echo server did not start")
         self.port = int(line)
@@ -391,6 +394,159 @@ def sustained_flow_rate(port: int, duration: float, workers: int) -> FlowRate:
         completed=sum(r[0] for r in results),
         failed=sum(r[1] for r in results),
     )
+
+
+# Interactive round trips under bulk load (head-of-line blocking in multiplexed paths).
+
+BULK_CHUNK = 65536
+# How long one blocking socket call in a bulk thread may wait before it rechecks the stop
+# flag, and how long a round trip of the interactive flow may take before the path counts as
+# stalled.
+_BULK_POLL = 0.5
+_RTT_TIMEOUT = 10.0
+_JOIN_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedRtt:
+    """Round trips of one interactive flow, idle and while bulk flows share the path."""
+
+    idle: list[float]
+    """Seconds per 1-byte round trip before any bulk flow starts."""
+    busy: list[float]
+    """Seconds per 1-byte round trip while the bulk flows run."""
+    bulk_flows: int
+    bulk_bytes_per_second: float
+    """Bytes per second the bulk flows got back from the echo server while ``busy`` was
+    measured (sum over the flows)."""
+
+
+class _BulkFlow:
+    """One bulk flow: a sender thread writing chunks flat out, a drainer counting echoes."""
+
+    def __init__(self, port: int, index: int, stop: threading.Event) -> None:
+        self.stop = stop
+        self.received = 0  # written by the drainer only
+        self.failure: str | None = None
+        self.sock = socket.create_connection((LOOPBACK, port), timeout=READY_TIMEOUT)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.settimeout(_BULK_POLL)
+        self.threads = [
+            threading.Thread(target=self._send, name=f"bulk-send-{index}", daemon=True),
+            threading.Thread(target=self._drain, name=f"bulk-drain-{index}", daemon=True),
+        ]
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def _fail(self, why: str) -> None:
+        # After stop, a shut-down socket failing is how the threads are told to end.
+        if not self.stop.is_set() and self.failure is None:
+            self.failure = why
+
+    def _send(self) -> None:
+        chunk = b"b" * BULK_CHUNK
+        while not self.stop.is_set():
+            try:
+                self.sock.sendall(chunk)
+            except TimeoutError:
+                continue  # the path pushes back; a partial chunk is fine for bulk bytes
+            except OSError as exc:
+                self._fail(f"send: {exc}")
+                return
+
+    def _drain(self) -> None:
+        while not self.stop.is_set():
+            try:
+                data = self.sock.recv(1 << 20)
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                self._fail(f"recv: {exc}")
+                return
+            if not data:
+                self._fail("closed by the path")
+                return
+            self.received += len(data)
+
+    def shut(self) -> None:
+        """Wake both threads at once: a blocked send or recv fails on a shut-down socket."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+
+def _round_trips(sock: socket.socket, samples: int, pace: float) -> list[float]:
+    out: list[float] = []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        sock.sendall(b"p")
+        if sock.recv(1) != b"p":
+            raise BenchmarkError("interactive flow: no echo")
+        out.append(time.perf_counter() - t0)
+        time.sleep(pace)  # pacing, as keystrokes are: never a queue of pings behind pings
+    return out
+
+
+def loaded_rtts(
+    port: int, bulk_flows: int, samples: int, pace: float = 0.01, settle: float = 1.0
+) -> LoadedRtt:
+    """1-byte round trips on one flow to the echo server, idle and under bulk load.
+
+    Opens the interactive flow, takes ``samples`` round trips ``pace`` seconds apart, then
+    opens ``bulk_flows`` more flows through the same path, each sending
+    :data:`BULK_CHUNK`-byte chunks flat out while another thread drains the echoes. Once every
+    bulk flow has had bytes echoed and ``settle`` seconds have passed, takes ``samples``
+    round trips again and counts the bulk bytes echoed meanwhile. A bulk flow failing, or a
+    round trip taking over 10 s, is a :class:`BenchmarkError`. On the way out every bulk
+    socket is shut down and closed and every thread joined; a thread still running after
+    that is an error too, so none lives on into the next path.
+    """
+    if bulk_flows < 1 or samples < 1:
+        raise ValueError("bulk_flows and samples must be positive")
+    stop = threading.Event()
+    flows: list[_BulkFlow] = []
+    with socket.create_connection((LOOPBACK, port), timeout=_RTT_TIMEOUT) as interactive:
+        interactive.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            idle = _round_trips(interactive, samples, pace)
+            for index in range(bulk_flows):
+                flows.append(_BulkFlow(port, index, stop))
+            for flow in flows:
+                flow.start()
+            deadline = time.monotonic() + READY_TIMEOUT
+            while not all(flow.received for flow in flows):
+                _raise_bulk_failure(flows)
+                if time.monotonic() > deadline:
+                    raise BenchmarkError(f"bulk flows via port {port}: no echo in {READY_TIMEOUT}s")
+                time.sleep(0.01)
+            time.sleep(settle)  # let the bulk flows fill the path's buffers: steady state
+            before = sum(flow.received for flow in flows)
+            t0 = time.monotonic()
+            busy = _round_trips(interactive, samples, pace)
+            elapsed = time.monotonic() - t0
+            echoed = sum(flow.received for flow in flows) - before
+            _raise_bulk_failure(flows)
+        finally:
+            stop.set()
+            for flow in flows:
+                flow.shut()
+            join_by = time.monotonic() + _JOIN_TIMEOUT
+            for flow in flows:
+                for thread in flow.threads:
+                    if thread.ident is not None:
+                        thread.join(max(0.0, join_by - time.monotonic()))
+                flow.sock.close()
+    stuck = [t.name for flow in flows for t in flow.threads if t.is_alive()]
+    if stuck:
+        raise BenchmarkError(f"bulk threads did not stop: {', '.join(stuck)}")
+    return LoadedRtt(idle, busy, bulk_flows, echoed / elapsed)
+
+
+def _raise_bulk_failure(flows: Sequence[_BulkFlow]) -> None:
+    failed = [f"flow {i}: {flow.failure}" for i, flow in enumerate(flows) if flow.failure]
+    if failed:
+        raise BenchmarkError(f"bulk flow failed under load: {'; '.join(failed)}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,9 +2,10 @@
 
 Runs ``python -m benchmarks --quick --only direct,<limen path> --json <tmp>`` (tiny sizes)
 as a subprocess and checks that every figure came out for both paths, the Limen path's CPU
-split by hop included. The figures themselves are never asserted: they depend on the machine.
-The per-hop CPU accounting (process trees, the fallback hop names) is also checked directly,
-on processes of known cost.
+split by hop and its round trips under bulk load included. The figures themselves are never
+asserted: they depend on the machine. The per-hop CPU accounting (process trees, the fallback
+hop names) is also checked directly, on processes of known cost, and so is the bulk-load
+workload's shutdown (no thread outlives it, even when a bulk flow breaks).
 
 Needs ``iperf3`` on PATH: skipped without it, except in CI (``CI=true``), where a missing
 prerequisite fails the test so a broken image cannot pass silently.
@@ -15,15 +16,25 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import socketserver
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from benchmarks.common import ProcessSampler, path_hops
+from benchmarks.common import (
+    BenchmarkError,
+    EchoServer,
+    Processes,
+    ProcessSampler,
+    loaded_rtts,
+    path_hops,
+)
 from tests.bench_runs import run_benchmark
 
 # Well under pytest's own timeout: the run takes ~25 s; a hung path is interrupted (SIGINT,
@@ -67,6 +78,13 @@ def test_quick_run_measures_direct_and_limen(tmp_path: Path, limen_path: str) ->
         assert figures["latency_p50_ms"] > 0, name
         assert figures["latency_p99_ms"] >= figures["latency_p50_ms"], name
         assert figures["flows_per_s"] > 0, name
+        # Round trips of an open flow, idle and beside the bulk flows (2 in --quick).
+        assert figures["idle_rtt_p50_ms"] > 0, name
+        assert figures["busy_rtt_p50_ms"] > 0, name
+        assert figures["busy_rtt_p99_ms"] >= figures["busy_rtt_p50_ms"], name
+        assert figures["bulk_flows"] == 2, name
+        assert figures["bulk_echo_gbps"] > 0, name
+    assert f"RTT under load — {limen_path}: idle p50 " in done.stdout, done.stdout[-4000:]
     # The Limen hops are real processes: memory and CPU are accounted for them.
     assert results[limen_path]["rss_peak_mb"] > 0
     assert results[limen_path]["cpu_s_per_gb"] > 0
@@ -79,9 +97,72 @@ def test_quick_run_measures_direct_and_limen(tmp_path: Path, limen_path: str) ->
     assert results["direct"]["cpu_s_per_gb_by_hop"] == {}
     assert f"CPU s/GB by hop — {limen_path}: client " in done.stdout, done.stdout[-4000:]
     # Limen is the candidate: its ratio to the baseline is reported.
-    assert any(
-        row["path"] == limen_path and row["baseline"] == "direct" for row in report["ratios"]
-    )
+    limen_vs_direct = [
+        row for row in report["ratios"] if row["path"] == limen_path and row["baseline"] == "direct"
+    ]
+    assert len(limen_vs_direct) == 1, report["ratios"]
+    assert limen_vs_direct[0]["busy_rtt_p50_ms"] > 0
+    assert limen_vs_direct[0]["busy_rtt_p99_ms"] > 0
+
+
+def _bulk_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("bulk-")]
+
+
+def test_loaded_rtts_measures_and_leaves_no_thread_behind(tmp_path: Path) -> None:
+    procs = Processes(tmp_path)
+    try:
+        echo = EchoServer(procs)
+        loaded = loaded_rtts(echo.port, bulk_flows=2, samples=5, pace=0, settle=0)
+    finally:
+        procs.stop_all()
+    assert len(loaded.idle) == len(loaded.busy) == 5
+    assert all(rtt > 0 for rtt in [*loaded.idle, *loaded.busy])
+    assert loaded.bulk_flows == 2
+    assert loaded.bulk_bytes_per_second > 0
+    assert _bulk_threads() == []
+
+
+class _EchoFirstCloseRest(socketserver.ThreadingTCPServer):
+    """Echoes the first connection (the interactive flow); closes every later one at once,
+    as a path dropping the bulk flows would."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _EchoFirstCloseRestHandler)
+        self.accepted = 0
+        self.lock = threading.Lock()
+
+
+class _EchoFirstCloseRestHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        server = self.server
+        assert isinstance(server, _EchoFirstCloseRest)
+        sock: socket.socket = self.request
+        with server.lock:
+            server.accepted += 1
+            first = server.accepted == 1
+        if not first:
+            return  # socketserver closes it
+        while data := sock.recv(65536):
+            sock.sendall(data)
+
+
+def test_loaded_rtts_fails_when_a_bulk_flow_breaks_and_stops_its_threads() -> None:
+    server = _EchoFirstCloseRest()
+    serving = threading.Thread(target=server.serve_forever, name="close-rest-server")
+    serving.start()
+    try:
+        port = server.server_address[1]
+        with pytest.raises(BenchmarkError, match="bulk flow failed"):
+            loaded_rtts(port, bulk_flows=2, samples=3, pace=0, settle=0)
+    finally:
+        server.shutdown()
+        serving.join(timeout=10)
+        server.server_close()
+    assert _bulk_threads() == []
 
 
 # Roots that say "ready" once running: one whose child burns CPU once told to (a line on
