@@ -200,20 +200,12 @@ class _UnnamedPath:
 
 @pytest.fixture
 def burner_and_idle() -> Iterator[tuple[subprocess.Popen[str], subprocess.Popen[str]]]:
-    with (
-        subprocess.Popen(
-            [sys.executable, "-c", BURNER],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        ) as burner,
-        subprocess.Popen(
-            [sys.executable, "-c", IDLE],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        ) as idle,
-    ):
+    def child(code: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+
+    with child(BURNER) as burner, child(IDLE) as idle:
         try:
             for proc in (burner, idle):
                 assert proc.stdout is not None  # PIPE
