@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from limen.errors import LocalProtocolError, RemoteProtocolError
 from limen.wire.connect import (
+    CONTROL_UPGRADE,
     HEADER_FLOW_ID,
     HEADER_PROCESS,
     MAX_HEAD_BYTES,
@@ -626,3 +627,32 @@ def test_101_to_connect_is_a_bad_response() -> None:
     with pytest.raises(RemoteProtocolError) as info:
         reader.feed(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
     assert info.value.code == "bad_response"
+
+
+@given(
+    st.sampled_from(["tcp", "udp", "control"]),
+    st.binary(max_size=64),
+    st.integers(1, 200),
+)
+@settings(max_examples=300)
+def test_success_shortcut_answers_what_the_parser_would(
+    protocol: str, after: bytes, first_read: int
+) -> None:
+    """The success head is recognised without h11 when a read starts with it; split
+    anywhere, it goes through h11: both give the same response and trailing bytes."""
+    upgrade = CONTROL_UPGRADE if protocol == "control" else "connect-udp"
+    raw = encode_response(200 if protocol == "tcp" else 101, upgrade=upgrade) + after
+    whole, whole_trailing = read_response(raw, protocol)
+
+    parsed = FlowResponseReader(protocol)
+    parsed._fresh = False  # h11 only
+    assert parsed.feed(raw) == whole and parsed.trailing == whole_trailing == after
+
+    split = FlowResponseReader(protocol)
+    head_len = len(raw) - len(after)
+    result = split.feed(raw[:first_read])
+    if first_read >= head_len:  # the whole head in the first read: the shortcut
+        assert result == whole and split.trailing == raw[head_len:first_read]
+    else:  # split inside the head: h11
+        assert result is None
+        assert split.feed(raw[first_read:]) == whole and split.trailing == after
