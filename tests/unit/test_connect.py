@@ -656,3 +656,93 @@ def test_success_shortcut_answers_what_the_parser_would(
     else:  # split inside the head: h11
         assert result is None
         assert split.feed(raw[first_read:]) == whole and split.trailing == after
+
+
+def _outcome(raw: bytes, *, fast: bool) -> tuple[object, bytes]:
+    """What a reader makes of ``raw`` in one read: (request or error code, trailing)."""
+    reader = FlowRequestReader()
+    reader._fresh = fast  # False: h11 only
+    try:
+        return reader.feed(raw), reader.trailing
+    except RemoteProtocolError as exc:
+        return exc.code, b""
+
+
+_near_miss_fields = st.lists(
+    st.one_of(
+        st.sampled_from(
+            [
+                "Host: x:1",
+                "host: y",
+                "Content-Length: 0",
+                "Transfer-Encoding: chunked",
+                "Proxy-Authorization: Bearer t",
+                "X-Empty: ",
+                "X-Tab:\tv",
+                "X-Trail: v ",
+                "X-Lead:  v",
+                "X-Obs: \x80\xff",
+                "X-Ctl: a\x7fb",
+                " X-Fold: v",
+                "Bad Name: v",
+                "X-Colon : v",
+                "X-Nocolon",
+            ]
+        ),
+        st.tuples(
+            st.from_regex(r"[!-~]{1,12}", fullmatch=True),
+            st.from_regex(r"[\t -~\x80-\xff]{0,20}", fullmatch=True),
+        ).map(lambda f: f"{f[0]}: {f[1]}"),
+    ),
+    max_size=6,
+)
+
+
+@given(
+    st.sampled_from(["CONNECT", "connect", "GET", "CONNECT  "]),
+    _targets,
+    st.sampled_from(["HTTP/1.1", "HTTP/1.0", "HTTP/1.1 "]),
+    _near_miss_fields,
+    st.binary(max_size=20),
+)
+@settings(max_examples=1000)
+def test_fast_connect_path_reads_what_h11_reads(
+    method: str, target: str, version: str, fields: list[str], tail: bytes
+) -> None:
+    """Whatever the fast path accepts, h11 accepts and reads the same; what it does not,
+    h11 decides (so the outcome never depends on which path ran)."""
+    raw = f"{method} {target} {version}\r\n".encode("latin-1")
+    raw += "".join(f"{line}\r\n" for line in fields).encode("latin-1") + b"\r\n" + tail
+    assert _outcome(raw, fast=True) == _outcome(raw, fast=False)
+
+
+@given(_hosts, st.integers(1, 65535), _extra_headers, st.binary(max_size=20))
+@settings(max_examples=300)
+def test_encoded_connect_heads_take_the_fast_path(
+    host: str, port: int, extra: list[tuple[str, str]], tail: bytes
+) -> None:
+    raw = encode_request("tcp", host, port, [("Proxy-Authorization", "Bearer t"), *extra])
+    reader = FlowRequestReader()
+    request = reader.feed(raw + tail)
+    assert reader._h11 is None  # read without h11
+    assert (request, reader.trailing) == _outcome(raw + tail, fast=False)
+
+
+@given(
+    _hosts,
+    st.integers(0, 70000),
+    _near_miss_fields.filter(lambda fs: not any(f.lower().startswith("host") for f in fs)),
+    st.integers(0, 6),
+    st.binary(max_size=20),
+)
+@settings(max_examples=1000)
+def test_fast_connect_path_reads_what_h11_reads_for_near_valid_heads(
+    host: str, port: int, fields: list[str], host_at: int, tail: bytes
+) -> None:
+    """Mostly valid heads (one Host, a real authority) with near-miss fields among them."""
+    authority = format_authority(host, port)
+    fields = [*fields]
+    fields.insert(min(host_at, len(fields)), f"Host: {authority}")
+    raw = f"CONNECT {authority} HTTP/1.1\r\n".encode("latin-1")
+    raw += "".join(f"{line}\r\n" for line in fields).encode("latin-1") + b"\r\n" + tail
+    assert _outcome(raw, fast=True) == _outcome(raw, fast=False)

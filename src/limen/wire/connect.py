@@ -172,19 +172,80 @@ def _headers_dict(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
     return out
 
 
+#: A CONNECT head in the shape Limen's encoder writes (``encode_request``), whole in one
+#: read: ``CONNECT authority HTTP/1.1``, then ``Name: value`` lines (one space after the colon,
+#: no space at the end, no folding), then a blank line. Heads of this shape are a subset of
+#: what h11 accepts and read the same (a Hypothesis test compares them); any other head, or
+#: one split across reads, goes through h11. h11 costs ~40 µs a head, twice per flow.
+_FAST_REQUEST_LINE = re.compile(rb"CONNECT ([!-~]+) HTTP/1\.1\r\n")
+_FAST_FIELD = re.compile(
+    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+): "
+    rb"((?:[\x21-\x7e\x80-\xff](?:[\x20\x21-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?)\r\n"
+)
+_NOT_ON_FAST_PATH = (b"host", b"content-length", b"transfer-encoding")
+
+
+def _fast_connect_head(
+    data: bytes, max_head: int
+) -> tuple[str, list[tuple[bytes, bytes]], int] | None:
+    """(target, header fields, head length) of a head in the fast shape, else None."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0 or end + 4 > max_head:
+        return None
+    line = _FAST_REQUEST_LINE.match(data)
+    if line is None:
+        return None
+    fields: list[tuple[bytes, bytes]] = []
+    pos, last = line.end(), end + 2
+    hosts = 0
+    while pos < last:
+        field = _FAST_FIELD.match(data, pos)
+        if field is None:
+            return None
+        name = field.group(1)
+        lowered = name.lower()
+        if lowered in _NOT_ON_FAST_PATH:
+            if lowered != b"host":
+                return None  # a body: h11 and the checks below refuse it
+            hosts += 1
+        fields.append((name, field.group(2)))
+        pos = field.end()
+    if pos != last or hosts != 1:  # HTTP/1.1 needs exactly one Host (h11 says why)
+        return None
+    return line.group(1).decode("ascii"), fields, end + 4
+
+
 class FlowRequestReader:
     """Server side: feed bytes until a :class:`FlowRequest` comes out."""
 
     def __init__(self, max_head: int = MAX_HEAD_BYTES) -> None:
-        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
+        self._h11: h11.Connection | None = None  # made only when the fast path does not apply
         self._max_head = max_head
         self._seen = 0
+        self._fresh = True
         self.trailing = b""
         self.request: FlowRequest | None = None
+
+    @property
+    def _conn(self) -> h11.Connection:
+        if self._h11 is None:
+            self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head)
+        return self._h11
 
     def feed(self, data: bytes | bytearray | memoryview) -> FlowRequest | None:
         if self.request is not None:
             raise LocalProtocolError("flow head already complete")
+        if self._fresh:
+            self._fresh = False
+            raw = bytes(data)
+            fast = _fast_connect_head(raw, self._max_head)
+            if fast is not None:
+                target, fields, head_length = fast
+                host, port = parse_authority(target)
+                self._seen = len(raw)
+                self.trailing = raw[head_length:]
+                self.request = FlowRequest("tcp", host, port, _headers_dict(fields))
+                return self.request
         self._seen += len(data)
         try:
             self._conn.receive_data(bytes(data))
