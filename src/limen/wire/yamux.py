@@ -56,9 +56,12 @@ GOAWAY_INTERNAL_ERROR = 2
 
 #: The spec's initial per-stream window.
 INITIAL_WINDOW = 256 * 1024
-#: Auto-tuning stops here: 16 MiB covers 1 Gbit/s at 130 ms RTT, more than a branch needs,
-#: and bounds what one stream can make the peer buffer.
-DEFAULT_MAX_WINDOW = 16 * 1024 * 1024
+#: Auto-tuning stops here. 4 MiB lets one stream fill ~670 Mbit/s at 50 ms RTT (1.7 Gbit/s
+#: at 20 ms) and bounds what it can queue ahead of other streams in shared socket buffers:
+#: measured with four bulk flows (docs/performance.md), 16 MiB let an interactive round trip
+#: reach ~100 ms at p50 and ~270 ms at p99, 4 MiB ~70 and ~150 ms, for ~2% of single-flow
+#: throughput (OpenSSH's channel window is 2 MiB).
+DEFAULT_MAX_WINDOW = 4 * 1024 * 1024
 #: Largest Data frame we send. Big frames mean few headers and few Python calls per byte;
 #: 256 KiB still lets an interactive frame through within ~0.1 ms at loopback speeds.
 DEFAULT_MAX_FRAME = 256 * 1024
