@@ -110,9 +110,11 @@ async def test_mux_tcp_sockets_keep_little_unsent_data_and_no_nagle() -> None:
     small frames at once (no Nagle)."""
     loop = asyncio.get_running_loop()
     accepted: list[MuxConnection] = []
+    peer_accepted = asyncio.Event()
 
     def accept() -> MuxConnection:
         accepted.append(MuxConnection(is_client=False, name="peer"))
+        peer_accepted.set()
         return accepted[-1]
 
     server = await loop.create_server(accept, "127.0.0.1", 0)
@@ -122,6 +124,9 @@ async def test_mux_tcp_sockets_keep_little_unsent_data_and_no_nagle() -> None:
         await loop.create_connection(lambda: client, "127.0.0.1", port)
         async with asyncio.timeout(5):
             await client.ready
+            await peer_accepted.wait()  # the server's accept runs in a later loop turn
+            await accepted[0].ready
+        assert len(accepted) == 1
         for conn in (client, *accepted):
             assert conn.transport is not None
             sock = conn.transport.get_extra_info("socket")
