@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,3 +38,12 @@ def run_benchmark(module: str, argv: list[str], timeout: float) -> subprocess.Co
             out, _ = proc.communicate()
         pytest.fail(f"{module} did not finish in {timeout:.0f} s:\n{out[-3000:]}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+def run_quick(module: str, json_path: Path, timeout: float) -> tuple[str, dict[str, Any]]:
+    """``python -m <module> --quick --json <json_path>``, which must succeed: its printed
+    output and its JSON report."""
+    proc = run_benchmark(module, ["--quick", "--json", str(json_path)], timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    report: dict[str, Any] = json.loads(json_path.read_text())
+    return proc.stdout, report

@@ -7,30 +7,20 @@ never asserted: they depend on the machine.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.bench_runs import run_benchmark
+from tests.bench_runs import run_quick
 
 # The quick run takes ~25 s; a hung run is interrupted (SIGINT, so the benchmark's cleanup
 # stops every helper it started) and reported, not left running.
 RUN_TIMEOUT = 120.0
 
 
-def _run(argv: list[str]) -> str:
-    proc = run_benchmark("benchmarks.idle_flows", argv, RUN_TIMEOUT)
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    return proc.stdout
-
-
 @pytest.mark.timeout(RUN_TIMEOUT + 60)
 def test_quick_run_reports_memory_per_flow_for_every_hop(tmp_path: Path) -> None:
-    out_file = tmp_path / "idle_flows.json"
-    out = _run(["--quick", "--json", str(out_file)])
-    report: dict[str, Any] = json.loads(out_file.read_text())
+    out, report = run_quick("benchmarks.idle_flows", tmp_path / "idle_flows.json", RUN_TIMEOUT)
 
     assert report["meta"]["quick"] is True
     assert report["meta"]["flows"] == 500

@@ -7,30 +7,20 @@ themselves are never asserted: they depend on the machine.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.bench_runs import run_benchmark
+from tests.bench_runs import run_quick
 
 # The quick run takes ~25 s; a hung run is interrupted (SIGINT, so the benchmark's cleanup
 # stops every helper it started) and reported, not left running.
 RUN_TIMEOUT = 120.0
 
 
-def _run(argv: list[str]) -> str:
-    proc = run_benchmark("benchmarks.udp_dns", argv, RUN_TIMEOUT)
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    return proc.stdout
-
-
 @pytest.mark.timeout(RUN_TIMEOUT + 60)
 def test_quick_run_reports_udp_and_dns_figures_for_both_paths(tmp_path: Path) -> None:
-    out_file = tmp_path / "udp_dns.json"
-    out = _run(["--quick", "--json", str(out_file)])
-    report: dict[str, Any] = json.loads(out_file.read_text())
+    out, report = run_quick("benchmarks.udp_dns", tmp_path / "udp_dns.json", RUN_TIMEOUT)
 
     assert report["meta"]["quick"] is True
     udp = report["udp"]
