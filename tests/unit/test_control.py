@@ -16,6 +16,7 @@ from limen.wire.control import (
     ClaimsChallenge,
     ControlDecoder,
     ControlMessage,
+    ControlReader,
     Drain,
     Heartbeat,
     Hello,
@@ -297,3 +298,27 @@ def test_parse_control_on_random_objects_only_remote_errors(message: dict[str, A
             assert exc.code == "control_malformed"
         else:
             assert parsed.to_dict()["type"] == kind
+
+
+def test_reader_skips_a_malformed_message_and_keeps_the_stream() -> None:
+    reader = ControlReader()
+    beat = Heartbeat(active_flows=2, bytes_up=1, bytes_down=2, dials_failed=0, now=1.0)
+    data = (
+        encode_control(beat)
+        + frame(json.dumps({"type": "heartbeat", "active_flows": "many"}).encode())
+        + encode_control(Drain("maintenance"))
+    )
+    # Byte by byte: messages come out as their last byte arrives.
+    messages: list[ControlMessage] = []
+    rejected: list[tuple[str, RemoteProtocolError]] = []
+    for i in range(len(data)):
+        got, bad = reader.feed(data[i : i + 1])
+        messages += got
+        rejected += bad
+    assert messages == [beat, Drain("maintenance")]
+    assert [(kind, exc.code) for kind, exc in rejected] == [("heartbeat", "control_malformed")]
+
+
+def test_reader_raises_on_broken_framing() -> None:
+    with pytest.raises(RemoteProtocolError):
+        ControlReader().feed(frame(b"not json"))

@@ -27,7 +27,7 @@ from limen.net.relay import Relay
 from limen.net.tasks import spawn
 from limen.net.tls import ALPN_MUX, client_context
 from limen.wire import connect as wire
-from limen.wire.control import ClaimsChallenge, ControlDecoder, parse_control
+from limen.wire.control import ClaimsChallenge, ControlReader
 from limen.wire.socks5 import (
     ConnectRequested,
     ReplyCode,
@@ -472,21 +472,18 @@ class _ControlReceiver:
     def __init__(self, session: EdgeSession, stream: MuxStream) -> None:
         self.session = session
         self.stream = stream
-        self.decoder = ControlDecoder()
+        self.reader = ControlReader()
 
     def on_data(self, data: Buffer) -> None:
         try:
-            messages = self.decoder.feed(bytes(data))
+            messages, rejected = self.reader.feed(data)
         except RemoteProtocolError as exc:
             log.warning("bad control frame from the edge (%s): closing the stream", exc.code)
             self.stream.abort()
             return
-        for raw in messages:
-            try:
-                message = parse_control(raw)
-            except RemoteProtocolError as exc:
-                log.info("bad %s control message from the edge: %s", raw.get("type"), exc)
-                continue
+        for kind, error in rejected:
+            log.info("bad %s control message from the edge: %s", kind, error)
+        for message in messages:
             if isinstance(message, ClaimsChallenge):
                 self.session.on_claims_challenge(message)
 

@@ -34,7 +34,7 @@ from limen.net.tls import ALPN_MUX, client_context
 from limen.pki import key_pem, make_csr, new_key
 from limen.wire import connect as wire
 from limen.wire.control import (
-    ControlDecoder,
+    ControlReader,
     Drain,
     Heartbeat,
     Hello,
@@ -42,7 +42,6 @@ from limen.wire.control import (
     RenewRequest,
     RenewResponse,
     encode_control,
-    parse_control,
 )
 
 log = logging.getLogger(__name__)
@@ -235,21 +234,18 @@ class _EdgeControl:
     def __init__(self, agent: ConnectorAgent, stream: MuxStream) -> None:
         self.agent = agent
         self.stream = stream
-        self.decoder = ControlDecoder()
+        self.reader = ControlReader()
 
     def on_data(self, data: Buffer) -> None:
         try:
-            messages = self.decoder.feed(bytes(data))
+            messages, rejected = self.reader.feed(data)
         except RemoteProtocolError as exc:
             log.warning("the edge sent a bad control message (%s): reconnecting", exc.code)
             self.stream.conn.close()
             return
-        for raw in messages:
-            try:
-                message = parse_control(raw)
-            except RemoteProtocolError as exc:
-                log.warning("the edge sent a bad %s message: %s", raw.get("type"), exc)
-                continue
+        for kind, error in rejected:
+            log.warning("the edge sent a bad %s message: %s", kind, error)
+        for message in messages:
             if isinstance(message, RenewResponse):
                 self.agent.install_certificate(message.cert_pem)
             elif isinstance(message, RenewRefused):

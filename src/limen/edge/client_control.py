@@ -26,7 +26,7 @@ from limen.metrics import PROTOCOL_ERRORS
 from limen.net.endpoints import Buffer, Endpoint
 from limen.net.mux import MuxStream
 from limen.wire import connect as wire
-from limen.wire.control import ClaimsChallenge, ControlDecoder, encode_control, parse_control
+from limen.wire.control import ClaimsChallenge, ControlReader, encode_control
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +129,11 @@ class _ControlStream:
         self.user_id = user_id
         self.stream = stream
         self.source = source
-        self.decoder = ControlDecoder()
+        self.reader = ControlReader()
 
     def on_data(self, data: Buffer) -> None:
         try:
-            messages = self.decoder.feed(bytes(data))
+            _messages, rejected = self.reader.feed(data)
         except RemoteProtocolError as exc:
             PROTOCOL_ERRORS.labels(exc.code).inc()
             log.warning(
@@ -144,12 +144,9 @@ class _ControlStream:
             self.registry.forget(self.user_id, self.stream)
             self.stream.abort()
             return
-        for raw in messages:
-            try:
-                parse_control(raw)
-            except RemoteProtocolError as exc:  # a known type with bad members: skipped
-                PROTOCOL_ERRORS.labels(exc.code).inc()
-                log.info("client %s:%d: bad %s control message", *self.source, raw.get("type"))
+        for kind, error in rejected:  # a known type with bad members: skipped
+            PROTOCOL_ERRORS.labels(error.code).inc()
+            log.info("client %s:%d: bad %s control message", *self.source, kind)
 
     def on_eof(self) -> None:
         self.registry.forget(self.user_id, self.stream)

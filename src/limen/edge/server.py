@@ -54,7 +54,7 @@ from limen.signals import SIGNAL_ENFORCED
 from limen.store.models import Connector
 from limen.wire import connect as wire
 from limen.wire.control import (
-    ControlDecoder,
+    ControlReader,
     Drain,
     Heartbeat,
     Hello,
@@ -62,7 +62,6 @@ from limen.wire.control import (
     RenewRequest,
     RenewResponse,
     encode_control,
-    parse_control,
 )
 
 log = logging.getLogger(__name__)
@@ -767,13 +766,13 @@ class _ControlReceiver:
         self.edge = edge
         self.link = link
         self.stream = stream
-        self.decoder = ControlDecoder()
+        self.reader = ControlReader()
         self.renewing = False
         self.last_renewal = -1e9
 
     def on_data(self, data: Buffer) -> None:
         try:
-            messages = self.decoder.feed(bytes(data))
+            messages, rejected = self.reader.feed(data)
         except RemoteProtocolError as exc:
             PROTOCOL_ERRORS.labels(exc.code).inc()
             log.warning(
@@ -783,17 +782,12 @@ class _ControlReceiver:
             )
             self.stream.conn.close()
             return
-        if messages:
+        if messages or rejected:
             self.edge.monitor.on_control(self.link)
-        for raw in messages:
-            try:
-                message = parse_control(raw)
-            except RemoteProtocolError as exc:
-                PROTOCOL_ERRORS.labels(exc.code).inc()
-                log.warning(
-                    "connector %s: bad %s message: %s", self.link.connector_id, raw.get("type"), exc
-                )
-                continue
+        for kind, error in rejected:
+            PROTOCOL_ERRORS.labels(error.code).inc()
+            log.warning("connector %s: bad %s message: %s", self.link.connector_id, kind, error)
+        for message in messages:
             if isinstance(message, Hello):
                 self.link.version = message.version[:64]
             elif isinstance(message, Heartbeat):

@@ -495,3 +495,28 @@ def parse_control(message: dict[str, Any]) -> ControlMessage:
     if cls is None:
         return UnknownControl(kind, message)
     return _from_peer(lambda: cls.from_dict(message))
+
+
+class ControlReader:
+    """A control stream's receive side: bytes in, typed messages out.
+
+    :meth:`feed` raises RemoteProtocolError when the framing breaks (the stream is unusable
+    and the caller closes it). A well-framed message whose fields do not parse is skipped
+    and returned as ``(type, error)`` for the caller to count and log: one bad message
+    from a newer or buggy peer does not end the stream."""
+
+    def __init__(self, max_message: int = MAX_CONTROL_MESSAGE) -> None:
+        self._decoder = ControlDecoder(max_message)
+
+    def feed(
+        self, data: bytes | bytearray | memoryview
+    ) -> tuple[list[ControlMessage], list[tuple[str, RemoteProtocolError]]]:
+        """The messages ``data`` completes, and the ones skipped as malformed."""
+        messages: list[ControlMessage] = []
+        rejected: list[tuple[str, RemoteProtocolError]] = []
+        for raw in self._decoder.feed(bytes(data)):
+            try:
+                messages.append(parse_control(raw))
+            except RemoteProtocolError as exc:
+                rejected.append((str(raw.get("type")), exc))
+        return messages, rejected
