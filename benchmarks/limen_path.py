@@ -33,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,11 +218,10 @@ class LimenPath:
             raise BenchmarkError(f"{method} {url}: {response.status_code} {response.text[:300]}")
         return response.json() if response.content else {}
 
-    # --- the steps -----------------------------------------------------------------------
-
-    def _tenant(
-        self, api_url: str, data: Path, ports: str, password: str
-    ) -> str:  # the one-time enrollment token
+    @staticmethod
+    @contextlib.contextmanager
+    def _admin(api_url: str, data: Path) -> Iterator[httpx.Client]:
+        """An admin API client with the service's bootstrap token, trusting its CA."""
         token = (data / "admin-token").read_text().strip()
         verify = ssl.create_default_context(cadata=(data / "ca.pem").read_text())
         with httpx.Client(
@@ -231,14 +230,39 @@ class LimenPath:
             timeout=30,
             headers={"Authorization": f"Bearer {token}"},
         ) as http:
-            user = self._call(
-                http, "POST", "/api/v1/users", {"username": USERNAME, "password": password}
-            )
-            groups = self._call(http, "GET", "/api/v1/connector-groups")
-            items = groups["items"] if isinstance(groups, dict) else groups
-            group = next((g for g in items if g.get("is_default")), None)
-            if group is None:
-                group = self._call(http, "POST", "/api/v1/connector-groups", {"name": "bench"})
+            yield http
+
+    def _user_and_group(
+        self, http: httpx.Client, password: str
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The benchmark user, and the connector group its apps use (the default one)."""
+        user = self._call(
+            http, "POST", "/api/v1/users", {"username": USERNAME, "password": password}
+        )
+        groups = self._call(http, "GET", "/api/v1/connector-groups")
+        items = groups["items"] if isinstance(groups, dict) else groups
+        group = next((g for g in items if g.get("is_default")), None)
+        if group is None:
+            group = self._call(http, "POST", "/api/v1/connector-groups", {"name": "bench"})
+        return user, group
+
+    def _enrollment_token(self, http: httpx.Client, group: dict[str, Any]) -> str:
+        """A one-time enrollment token for a connector of ``group``."""
+        enrollment = self._call(
+            http,
+            "POST",
+            f"/api/v1/connector-groups/{group['id']}/enrollment-tokens",
+            {"name": "bench-connector"},
+        )
+        return str(enrollment["token"])
+
+    # --- the steps -----------------------------------------------------------------------
+
+    def _tenant(
+        self, api_url: str, data: Path, ports: str, password: str
+    ) -> str:  # the one-time enrollment token
+        with self._admin(api_url, data) as http:
+            user, group = self._user_and_group(http, password)
             app = self._call(
                 http, "POST", "/api/v1/apps", {"name": APP_NAME, "connector_group_id": group["id"]}
             )
@@ -246,13 +270,7 @@ class LimenPath:
             self._call(http, "POST", f"/api/v1/apps/{app['id']}/segments", segment)
             assignment = {"principal_id": user["id"]}
             self._call(http, "POST", f"/api/v1/apps/{app['id']}/assignments", assignment)
-            enrollment = self._call(
-                http,
-                "POST",
-                f"/api/v1/connector-groups/{group['id']}/enrollment-tokens",
-                {"name": "bench-connector"},
-            )
-        return str(enrollment["token"])
+            return self._enrollment_token(http, group)
 
     def _wait_flow(self, edge_port: int, ca_pem: str, client_dir: Path) -> None:
         """Bounded poll: a plain CONNECT with the client's token reaches the probe echo."""

@@ -36,7 +36,6 @@ import re
 import secrets
 import select
 import socket
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -54,12 +53,11 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
-import httpx
 from rich.console import Console
 from rich.table import Table
 
 from .common import LOOPBACK, REPO_ROOT, BenchmarkError, Processes, percentile
-from .limen_path import USERNAME, LimenPath, ProbeEcho
+from .limen_path import LimenPath, ProbeEcho
 
 DNS_SUFFIX = "bench.test"
 PUBLIC_SUFFIX = "example.com"
@@ -156,22 +154,8 @@ class LimenUdpDns(LimenPath):
     def _udp_dns_tenant(
         self, api_url: str, data: Path, echo_port: int, probe_port: int, password: str
     ) -> str:  # the one-time enrollment token
-        token = (data / "admin-token").read_text().strip()
-        verify = ssl.create_default_context(cadata=(data / "ca.pem").read_text())
-        with httpx.Client(
-            base_url=api_url,
-            verify=verify,
-            timeout=30,
-            headers={"Authorization": f"Bearer {token}"},
-        ) as http:
-            user = self._call(
-                http, "POST", "/api/v1/users", {"username": USERNAME, "password": password}
-            )
-            groups = self._call(http, "GET", "/api/v1/connector-groups")
-            items = groups["items"] if isinstance(groups, dict) else groups
-            group = next((g for g in items if g.get("is_default")), None)
-            if group is None:
-                group = self._call(http, "POST", "/api/v1/connector-groups", {"name": "bench"})
+        with self._admin(api_url, data) as http:
+            user, group = self._user_and_group(http, password)
             udp_app = self._call(
                 http,
                 "POST",
@@ -199,13 +183,7 @@ class LimenUdpDns(LimenPath):
             for app in (udp_app, dns_app):
                 assignment = {"principal_id": user["id"]}
                 self._call(http, "POST", f"/api/v1/apps/{app['id']}/assignments", assignment)
-            enrollment = self._call(
-                http,
-                "POST",
-                f"/api/v1/connector-groups/{group['id']}/enrollment-tokens",
-                {"name": "bench-connector"},
-            )
-        return str(enrollment["token"])
+            return self._enrollment_token(http, group)
 
     def _bound_port(
         self, role: str, needle: str, pattern: str, proc: subprocess.Popen[bytes]
