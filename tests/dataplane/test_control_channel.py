@@ -25,8 +25,10 @@ from limen.client.tunnel import (
     pause_file,
     read_pause_files,
 )
+from limen.client.tunnel import _ControlReceiver as ClientControl
 from limen.edge.server import Edge
-from limen.net.mux import open_flow
+from limen.edge.server import _ControlReceiver as EdgeConnectorControl
+from limen.net.mux import MuxStream, open_flow
 from limen.wire import connect as wire
 from limen.wire.control import ClaimsChallenge, encode_control
 from tests.support import EchoServer, Tenant, echo_roundtrip, running_tenant
@@ -144,6 +146,36 @@ async def test_disable_sends_a_claims_challenge_on_the_control_stream(
     assert session.paused_reason  # the non-interactive answer left access paused
     await session.close()
     await _until("the control streams to be forgotten", lambda: not edge.client_control.by_user)
+
+
+def _controls_in(conns: Any, receiver_type: type) -> list[MuxStream]:
+    return [s for c in conns for s in c.streams.values() if isinstance(s.receiver, receiver_type)]
+
+
+async def test_control_streams_never_make_bulk_streams_give_way(
+    tenant: Tenant, echo: EchoServer
+) -> None:
+    """Heartbeats and other control messages are not someone typing: every control stream,
+    at both ends of client and connector links, is background for the receive budget
+    (docs/protocol.md, flow control), while a flow's stream is not."""
+    alice = await _published(tenant, echo)
+    session = await tenant.login("alice")
+    flow, _ = await session.open("tcp", "127.0.0.1", echo.port)
+    edge = _edge(tenant)
+    await _until("the control stream", lambda: alice["id"] in edge.client_control.by_user)
+    links = [c for link in edge.connectors.links.values() for c in link.connections]
+    controls = {
+        "edge, client side": list(edge.client_control.by_user[alice["id"]]),
+        "edge, connector side": _controls_in(links, EdgeConnectorControl),
+        "client": _controls_in(session.conns, ClientControl),
+        "connector": list(tenant.agents[0]._controls),
+    }
+    for where, streams in controls.items():
+        assert streams, f"no control stream found at the {where}"
+        for stream in streams:
+            assert stream.conn.session.is_background(stream.stream_id), where
+    assert not flow.conn.session.is_background(flow.stream_id)
+    await session.close()
 
 
 async def test_control_stream_with_a_bad_token_is_refused(tenant: Tenant, echo: EchoServer) -> None:

@@ -6,10 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
+import pytest
+
+from limen.net import mux
 from limen.net.endpoints import Buffer
-from limen.net.mux import NOTSENT_LOWAT, MuxConnection, MuxStream
-from limen.wire.yamux import INITIAL_WINDOW
+from limen.net.mux import (
+    MAX_RECEIVE_BUDGET,
+    NOTSENT_LOWAT,
+    MuxConnection,
+    MuxStream,
+    receive_budget_for,
+    tcp_min_rtt,
+)
+from limen.wire.yamux import DEFAULT_RECEIVE_BUDGET, INITIAL_WINDOW
 from tests.muxpair import Collect, mux_pair, next_stream
 
 
@@ -104,10 +116,9 @@ async def test_detach_and_attach_keep_order_with_held_data() -> None:
         await second.until(lambda d: d == b"replayed|later", "replay then later data")
 
 
-async def test_mux_tcp_sockets_keep_little_unsent_data_and_no_nagle() -> None:
-    """Over TCP, a mux connection's socket holds at most NOTSENT_LOWAT unsent bytes (so
-    frames of other streams do not queue behind megabytes of one bulk stream) and sends
-    small frames at once (no Nagle)."""
+@asynccontextmanager
+async def _tcp_mux_pair() -> AsyncIterator[tuple[MuxConnection, MuxConnection]]:
+    """A client MuxConnection and the one its server accepted, over loopback TCP."""
     loop = asyncio.get_running_loop()
     accepted: list[MuxConnection] = []
     peer_accepted = asyncio.Event()
@@ -127,14 +138,56 @@ async def test_mux_tcp_sockets_keep_little_unsent_data_and_no_nagle() -> None:
             await peer_accepted.wait()  # the server's accept runs in a later loop turn
             await accepted[0].ready
         assert len(accepted) == 1
-        for conn in (client, *accepted):
-            assert conn.transport is not None
-            sock = conn.transport.get_extra_info("socket")
-            lowat = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
-            assert lowat == NOTSENT_LOWAT
-            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        yield client, accepted[0]
     finally:
         client.close()
         for conn in accepted:
             conn.close()
         server.close()
+
+
+def _socket(conn: MuxConnection) -> socket.socket:
+    assert conn.transport is not None
+    sock: socket.socket = conn.transport.get_extra_info("socket")
+    return sock
+
+
+async def test_mux_tcp_sockets_keep_little_unsent_data_and_no_nagle() -> None:
+    """Over TCP, a mux connection's socket holds at most NOTSENT_LOWAT unsent bytes (so
+    frames of other streams do not queue behind megabytes of one bulk stream) and sends
+    small frames at once (no Nagle)."""
+    async with _tcp_mux_pair() as conns:
+        for conn in conns:
+            sock = _socket(conn)
+            lowat = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+            assert lowat == NOTSENT_LOWAT
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+
+
+async def test_receive_budget_follows_the_connections_minimum_round_trip(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each side sizes its bulk streams' budget from the kernel's minimum round trip of its
+    own socket. Loopback's few microseconds fall under the default budget at the real rate,
+    so the rate is raised here until they count."""
+    monkeypatch.setattr(mux, "BUDGET_RATE", 10**12)  # 1 us of round trip -> 1 MB
+    async with _tcp_mux_pair() as conns:
+        for conn in conns:
+            rtt = tcp_min_rtt(_socket(conn))
+            assert rtt is not None and 0 < rtt < 1
+            assert conn.session.receive_budget > DEFAULT_RECEIVE_BUDGET
+            conn.update_receive_budget()
+            assert conn.session.receive_budget == receive_budget_for(rtt)
+
+
+def test_receive_budget_never_falls_below_the_default_nor_exceeds_the_cap() -> None:
+    assert receive_budget_for(None) == DEFAULT_RECEIVE_BUDGET
+    assert receive_budget_for(0.000_05) == DEFAULT_RECEIVE_BUDGET  # a LAN
+    assert receive_budget_for(0.05) == int(0.05 * mux.BUDGET_RATE)  # 50 ms across a WAN
+    assert receive_budget_for(60.0) == MAX_RECEIVE_BUDGET
+
+
+def test_min_rtt_of_a_socket_that_is_not_tcp_is_unknown() -> None:
+    near, far = socket.socketpair()
+    with near, far:
+        assert tcp_min_rtt(near) is None

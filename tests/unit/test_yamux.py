@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from limen.errors import LocalProtocolError, RemoteProtocolError
 from limen.wire.yamux import (
     AUTOTUNE_INTERVAL,
+    BULK_HORIZON,
     FLAG_ACK,
     FLAG_FIN,
     FLAG_RST,
@@ -22,6 +23,7 @@ from limen.wire.yamux import (
     HEADER,
     HEADER_SIZE,
     INITIAL_WINDOW,
+    INTERACTIVE_BUDGET_DIVISOR,
     TYPE_DATA,
     TYPE_GO_AWAY,
     TYPE_PING,
@@ -321,6 +323,163 @@ def test_autotuning_does_not_grow_on_slow_acknowledgements() -> None:
         _, window = _pump(client, server, sid, now=100.0 + i * (AUTOTUNE_INTERVAL * 2))
         assert window == INITIAL_WINDOW
     assert client.send_window(sid) == INITIAL_WINDOW
+
+
+# Rounds of bulk transfer: every stream moves a full window per round, rounds less than
+# AUTOTUNE_INTERVAL apart (so each stream is window-limited, i.e. bulk). Enough rounds to
+# run past BULK_HORIZON let shares settle after a change.
+_ROUND = AUTOTUNE_INTERVAL * 0.8
+_PAST_HORIZON = int(BULK_HORIZON / _ROUND) + 2
+
+
+def _rounds(
+    client: YamuxSession, server: YamuxSession, streams: Sequence[int], now: float, rounds: int
+) -> float:
+    for _ in range(rounds):
+        now += _ROUND
+        for sid in streams:
+            _pump(client, server, sid, now)
+    return now
+
+
+def test_bulk_streams_share_the_receive_budget_and_the_sender_sees_each_share() -> None:
+    budget = 8 * INITIAL_WINDOW
+    client, server = pair(max_window=budget, receive_budget=budget)
+    first = client.open_stream()
+    roundtrip(client, server)
+    now = _rounds(client, server, [first], 100.0, _PAST_HORIZON + 4)
+    # Alone, one bulk stream grows to the whole budget.
+    assert server.receive_window(first) == budget
+
+    others = [client.open_stream() for _ in range(3)]
+    roundtrip(client, server)
+    streams = [first, *others]
+    now = _rounds(client, server, streams, now, _PAST_HORIZON + 4)
+    windows = [server.receive_window(sid) for sid in streams]
+    # Four bulk streams: a quarter each; the first gave back what it had above its share.
+    assert windows == [budget // 4] * 4
+    # The sender's window is exactly what the receiver now grants: nothing lost or invented.
+    assert [client.send_window(sid) for sid in streams] == windows
+
+    # The others stop; once they are no longer bulk the first grows back to the budget.
+    now += BULK_HORIZON * 2
+    _rounds(client, server, [first], now, _PAST_HORIZON + 4)
+    assert server.receive_window(first) == budget
+    assert client.send_window(first) == budget
+
+
+def test_an_active_interactive_stream_leaves_bulk_streams_a_fraction_of_the_budget() -> None:
+    budget = 32 * INITIAL_WINDOW
+    client, server = pair(max_window=budget, receive_budget=budget)
+    bulk = [client.open_stream(), client.open_stream()]
+    typing = client.open_stream()
+    roundtrip(client, server)
+    now = _rounds(client, server, bulk, 100.0, _PAST_HORIZON + 4)
+    assert [server.receive_window(sid) for sid in bulk] == [budget // 2] * 2
+
+    # A keystroke on the third stream; from the bulk streams' next updates on, they share
+    # a fraction of the budget.
+    client.send_data(typing, b"k")
+    _, events = roundtrip(client, server)
+    assert payload(events, typing) == b"k"
+    server.acknowledge(typing, 1, now=now)
+    now = _rounds(client, server, bulk, now, 3)
+    reduced = budget // INTERACTIVE_BUDGET_DIVISOR // 2
+    assert reduced > INITIAL_WINDOW
+    assert [server.receive_window(sid) for sid in bulk] == [reduced] * 2
+    assert [client.send_window(sid) for sid in bulk] == [reduced] * 2
+    assert server.receive_window(typing) == INITIAL_WINDOW
+
+    # Typing stops: past the horizon the bulk streams grow back to half the budget each.
+    now = _rounds(client, server, bulk, now, _PAST_HORIZON + 4)
+    assert [server.receive_window(sid) for sid in bulk] == [budget // 2] * 2
+
+    # A closed interactive stream stops counting at once, without waiting for the horizon.
+    client.send_data(typing, b"k")
+    roundtrip(client, server)
+    server.acknowledge(typing, 1, now=now)
+    now = _rounds(client, server, bulk, now, 3)
+    assert [server.receive_window(sid) for sid in bulk] == [reduced] * 2
+    client.reset_stream(typing)
+    roundtrip(client, server)
+    _rounds(client, server, bulk, now, 4)
+    assert [server.receive_window(sid) for sid in bulk] == [budget // 2] * 2
+
+
+def test_a_background_stream_does_not_make_bulk_streams_give_way() -> None:
+    budget = 32 * INITIAL_WINDOW
+    client, server = pair(max_window=budget, receive_budget=budget)
+    bulk = [client.open_stream(), client.open_stream()]
+    heartbeats = client.open_stream()
+    roundtrip(client, server)
+    server.set_background(heartbeats)
+    now = _rounds(client, server, bulk, 100.0, _PAST_HORIZON + 4)
+    for _ in range(3):
+        client.send_data(heartbeats, b"beat")
+        roundtrip(client, server)
+        server.acknowledge(heartbeats, 4, now=now)
+        now = _rounds(client, server, bulk, now, 1)
+    assert [server.receive_window(sid) for sid in bulk] == [budget // 2] * 2
+
+
+def test_a_new_bulk_stream_does_not_slow_itself_down_as_interactive() -> None:
+    budget = 32 * INITIAL_WINDOW
+    client, server = pair(max_window=budget, receive_budget=budget)
+    sid = client.open_stream()
+    roundtrip(client, server)
+    # Well within one horizon: its first half-window looked interactive, but once it is
+    # known as bulk that no longer counts, so it doubles all the way.
+    _rounds(client, server, [sid], 100.0, 7)
+    assert server.receive_window(sid) == budget
+
+
+def test_a_stream_over_its_share_shrinks_by_at_most_what_it_consumed() -> None:
+    budget = 4 * INITIAL_WINDOW
+    client, server = pair(max_window=budget, receive_budget=budget)
+    big = client.open_stream()
+    roundtrip(client, server)
+    now = _rounds(client, server, [big], 100.0, _PAST_HORIZON + 2)
+    assert server.receive_window(big) == budget
+    others = [client.open_stream() for _ in range(3)]
+    roundtrip(client, server)
+    now = _rounds(client, server, others, now, 2)
+    # The big stream fills its window; its consumer takes half, then the rest.
+    assert client.send_data(big, bytes(budget)) == budget
+    roundtrip(client, server)
+    now += _ROUND
+    server.acknowledge(big, budget // 2, now=now)
+    assert not server.has_output()  # shrank by exactly what was consumed: nothing to grant
+    assert server.receive_window(big) == budget // 2
+    server.acknowledge(big, budget // 2, now=now)
+    roundtrip(client, server)
+    # Its share is the initial window (budget / 4 bulk streams, reduced further while the
+    # others ramped up, never below the initial window).
+    assert server.receive_window(big) == client.send_window(big) == INITIAL_WINDOW
+
+
+def test_shares_never_drop_below_the_initial_window() -> None:
+    client, server = pair(max_window=4 * INITIAL_WINDOW, receive_budget=INITIAL_WINDOW)
+    streams = [client.open_stream() for _ in range(3)]
+    roundtrip(client, server)
+    now = 100.0
+    for _ in range(6):
+        now += _ROUND
+        for sid in streams:
+            assert _pump(client, server, sid, now)[1] == INITIAL_WINDOW
+    assert [client.send_window(sid) for sid in streams] == [INITIAL_WINDOW] * 3
+
+
+def test_a_closed_bulk_stream_stops_taking_a_share() -> None:
+    budget = 4 * INITIAL_WINDOW
+    client, server = pair(max_window=budget, receive_budget=budget)
+    a, b = client.open_stream(), client.open_stream()
+    roundtrip(client, server)
+    now = _rounds(client, server, [a, b], 100.0, _PAST_HORIZON + 4)
+    assert server.receive_window(a) == server.receive_window(b) == budget // 2
+    client.reset_stream(b)
+    roundtrip(client, server)
+    _rounds(client, server, [a], now, 3)
+    assert server.receive_window(a) == budget
 
 
 def test_larger_initial_window_is_announced_with_syn_and_ack() -> None:
@@ -671,8 +830,10 @@ def test_random_operations_never_lose_or_reorder_bytes(
     ops: list[tuple[str, bool, int, int]], chunk: int, seed: int
 ) -> None:
     rng = random.Random(seed)
-    a = _Side(YamuxSession(is_client=True, max_frame=16 * KIB, max_window=1024 * KIB))
-    b = _Side(YamuxSession(is_client=False, max_frame=16 * KIB, max_window=1024 * KIB))
+    # A budget below two full windows makes bulk streams shrink as well as grow.
+    limits = {"max_frame": 16 * KIB, "max_window": 1024 * KIB, "receive_budget": 1536 * KIB}
+    a = _Side(YamuxSession(is_client=True, **limits))
+    b = _Side(YamuxSession(is_client=False, **limits))
     streams: list[int] = []
     now = 1.0
     for op, first, index, size in ops:

@@ -473,6 +473,7 @@ class _ControlReceiver:
         self.session = session
         self.stream = stream
         self.reader = ControlReader()
+        stream.mark_background()  # heartbeats must not make bulk streams give way
 
     def on_data(self, data: Buffer) -> None:
         try:

@@ -235,6 +235,7 @@ class _EdgeControl:
         self.agent = agent
         self.stream = stream
         self.reader = ControlReader()
+        stream.mark_background()  # heartbeats must not make bulk streams give way
 
     def on_data(self, data: Buffer) -> None:
         try:

@@ -130,6 +130,7 @@ class _ControlStream:
         self.stream = stream
         self.source = source
         self.reader = ControlReader()
+        stream.mark_background()  # heartbeats must not make bulk streams give way
 
     def on_data(self, data: Buffer) -> None:
         try:

@@ -767,6 +767,7 @@ class _ControlReceiver:
         self.link = link
         self.stream = stream
         self.reader = ControlReader()
+        stream.mark_background()  # heartbeats must not make bulk streams give way
         self.renewing = False
         self.last_renewal = -1e9
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import struct
 from collections.abc import Callable
 from typing import cast
 
@@ -35,6 +36,41 @@ KEEPALIVE_TIMEOUT = 5.0
 #: (docs/performance.md): an interactive flow's round trip under four bulk flows through
 #: the same connections fell from ~240 to ~90 ms (p50) for ~5% of single-flow throughput.
 NOTSENT_LOWAT = 128 * 1024
+
+#: The rate a connection's receive budget (:data:`limen.wire.yamux.DEFAULT_RECEIVE_BUDGET`)
+#: must sustain over the connection's round trip: about what one Limen connection moves on
+#: a fast core (5 Gbit/s). Up to ~6.7 ms of round trip the default budget covers it; a
+#: connection across a WAN gets ``rate x minimum round trip`` so bulk flows still fill it.
+BUDGET_RATE = 625_000_000
+#: No budget beyond this, whatever the round trip claims.
+MAX_RECEIVE_BUDGET = 64 * 1024 * 1024
+
+_TCP_INFO_MIN_RTT_OFFSET = 148  # struct tcp_info.tcpi_min_rtt (u32, microseconds), Linux 4.6+
+_TCP_INFO_NO_SAMPLE = 0xFFFFFFFF
+
+
+def tcp_min_rtt(sock: socket.socket) -> float | None:
+    """The kernel's minimum round trip of a TCP socket in seconds (the path's base delay,
+    without queueing), or None where unknown (no sample yet, not Linux, not TCP)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    except (OSError, AttributeError):
+        return None
+    if len(info) < _TCP_INFO_MIN_RTT_OFFSET + 4:
+        return None
+    micros = int(struct.unpack_from("=I", info, _TCP_INFO_MIN_RTT_OFFSET)[0])
+    if micros in (0, _TCP_INFO_NO_SAMPLE):
+        return None
+    return micros / 1e6
+
+
+def receive_budget_for(min_rtt: float | None) -> int:
+    """The receive budget for a connection whose minimum round trip is ``min_rtt``."""
+    if min_rtt is None:
+        return yamux.DEFAULT_RECEIVE_BUDGET
+    wanted = int(min_rtt * BUDGET_RATE)
+    return min(MAX_RECEIVE_BUDGET, max(yamux.DEFAULT_RECEIVE_BUDGET, wanted))
+
 
 #: How much a local application may send before its flow is accepted (see
 #: :class:`EarlyData`); past it the local socket waits for the answer.
@@ -226,6 +262,11 @@ class MuxStream:
         if self.receiver is not None:
             self._deliver_held()
 
+    def mark_background(self) -> None:
+        """This stream carries periodic control traffic: what it receives does not make the
+        connection's bulk streams give way (:meth:`YamuxSession.set_background`)."""
+        self.conn.session.set_background(self.stream_id)
+
     def _forget_if_done(self) -> None:
         if self.conn.session.stream_state(self.stream_id) is yamux.StreamState.CLOSED:
             self.conn.streams.pop(self.stream_id, None)
@@ -253,6 +294,7 @@ class MuxConnection(asyncio.Protocol):
         self.ready: asyncio.Future[None] = self.loop.create_future()
         self._last_rx = 0.0
         self._last_progress = 0.0
+        self._tcp_sock: socket.socket | None = None
         self._keepalive: asyncio.TimerHandle | None = None
         self._ping_sent_at = 0.0
         self._ping_seq = 0
@@ -281,8 +323,18 @@ class MuxConnection(asyncio.Protocol):
             # with the streams (their windows and pauses), where no one queues behind it.
             with contextlib.suppress(OSError, AttributeError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+            self._tcp_sock = sock
+            self.update_receive_budget()
         if not self.ready.done():
             self.ready.set_result(None)
+
+    def update_receive_budget(self) -> None:
+        """Size the bulk streams' receive budget to this connection's round trip (the
+        handshake gives the kernel its first samples; keepalive ticks refresh it)."""
+        if self._tcp_sock is not None:
+            budget = receive_budget_for(tcp_min_rtt(self._tcp_sock))
+            self.session.receive_budget = budget
+            self.session.max_window = max(yamux.DEFAULT_MAX_WINDOW, budget)
 
     def data_received(self, data: bytes) -> None:
         self._last_rx = self.now()
@@ -414,6 +466,7 @@ class MuxConnection(asyncio.Protocol):
             if self.closed.done() or self.transport is None:
                 return
             now = self.now()
+            self.update_receive_budget()
             buffered = self.transport.get_write_buffer_size()
             if buffered < last_buffered or (buffered and not last_buffered):
                 self._last_progress = now
