@@ -285,7 +285,7 @@ async def test_traffic_log_batch_insert(ctx: ServiceContext, api: httpx.Client) 
                 "user_id": "usr_x",
                 "username": "zoë",
                 "action": "allow" if i % 3 else "block",
-                "policy_ids": ["pol_a", "pol_b"] if i % 2 else [],
+                **({"policy_ids": ["pol_a", "pol_b"]} if i % 2 else {}),  # default: []
                 "bytes_up": big + i,
                 "bytes_down": i,
                 "dest_host": "fileserver.corp",
