@@ -342,17 +342,32 @@ def _rounds(
     return now
 
 
-def test_bulk_streams_share_the_receive_budget_and_the_sender_sees_each_share() -> None:
-    budget = 8 * INITIAL_WINDOW
-    client, server = pair(max_window=budget, receive_budget=budget)
-    first = client.open_stream()
+def _budget_pair(budget: int) -> tuple[YamuxSession, YamuxSession]:
+    """A pair whose bulk streams share ``budget``, which one stream alone may fill."""
+    return pair(max_window=budget, receive_budget=budget)
+
+
+def _open(client: YamuxSession, server: YamuxSession, count: int) -> list[int]:
+    streams = [client.open_stream() for _ in range(count)]
     roundtrip(client, server)
-    now = _rounds(client, server, [first], 100.0, _PAST_HORIZON + 4)
+    return streams
+
+
+def _full_stream_and_three_newcomers(
+    budget: int,
+) -> tuple[YamuxSession, YamuxSession, int, list[int], float]:
+    """One bulk stream that has grown to the whole budget, then three new streams."""
+    client, server = _budget_pair(budget)
+    [first] = _open(client, server, 1)
+    now = _rounds(client, server, [first], 100.0, _PAST_HORIZON + 2)
     # Alone, one bulk stream grows to the whole budget.
     assert server.receive_window(first) == budget
+    return client, server, first, _open(client, server, 3), now
 
-    others = [client.open_stream() for _ in range(3)]
-    roundtrip(client, server)
+
+def test_bulk_streams_share_the_receive_budget_and_the_sender_sees_each_share() -> None:
+    budget = 8 * INITIAL_WINDOW
+    client, server, first, others, now = _full_stream_and_three_newcomers(budget)
     streams = [first, *others]
     now = _rounds(client, server, streams, now, _PAST_HORIZON + 4)
     windows = [server.receive_window(sid) for sid in streams]
@@ -370,10 +385,8 @@ def test_bulk_streams_share_the_receive_budget_and_the_sender_sees_each_share() 
 
 def test_an_active_interactive_stream_leaves_bulk_streams_a_fraction_of_the_budget() -> None:
     budget = 32 * INITIAL_WINDOW
-    client, server = pair(max_window=budget, receive_budget=budget)
-    bulk = [client.open_stream(), client.open_stream()]
-    typing = client.open_stream()
-    roundtrip(client, server)
+    client, server = _budget_pair(budget)
+    *bulk, typing = _open(client, server, 3)
     now = _rounds(client, server, bulk, 100.0, _PAST_HORIZON + 4)
     assert [server.receive_window(sid) for sid in bulk] == [budget // 2] * 2
 
@@ -408,10 +421,8 @@ def test_an_active_interactive_stream_leaves_bulk_streams_a_fraction_of_the_budg
 
 def test_a_background_stream_does_not_make_bulk_streams_give_way() -> None:
     budget = 32 * INITIAL_WINDOW
-    client, server = pair(max_window=budget, receive_budget=budget)
-    bulk = [client.open_stream(), client.open_stream()]
-    heartbeats = client.open_stream()
-    roundtrip(client, server)
+    client, server = _budget_pair(budget)
+    *bulk, heartbeats = _open(client, server, 3)
     server.set_background(heartbeats)
     now = _rounds(client, server, bulk, 100.0, _PAST_HORIZON + 4)
     for _ in range(3):
@@ -424,9 +435,8 @@ def test_a_background_stream_does_not_make_bulk_streams_give_way() -> None:
 
 def test_a_new_bulk_stream_does_not_slow_itself_down_as_interactive() -> None:
     budget = 32 * INITIAL_WINDOW
-    client, server = pair(max_window=budget, receive_budget=budget)
-    sid = client.open_stream()
-    roundtrip(client, server)
+    client, server = _budget_pair(budget)
+    [sid] = _open(client, server, 1)
     # Well within one horizon: its first half-window looked interactive, but once it is
     # known as bulk that no longer counts, so it doubles all the way.
     _rounds(client, server, [sid], 100.0, 7)
@@ -435,13 +445,7 @@ def test_a_new_bulk_stream_does_not_slow_itself_down_as_interactive() -> None:
 
 def test_a_stream_over_its_share_shrinks_by_at_most_what_it_consumed() -> None:
     budget = 4 * INITIAL_WINDOW
-    client, server = pair(max_window=budget, receive_budget=budget)
-    big = client.open_stream()
-    roundtrip(client, server)
-    now = _rounds(client, server, [big], 100.0, _PAST_HORIZON + 2)
-    assert server.receive_window(big) == budget
-    others = [client.open_stream() for _ in range(3)]
-    roundtrip(client, server)
+    client, server, big, others, now = _full_stream_and_three_newcomers(budget)
     now = _rounds(client, server, others, now, 2)
     # The big stream fills its window; its consumer takes half, then the rest.
     assert client.send_data(big, bytes(budget)) == budget
@@ -459,8 +463,7 @@ def test_a_stream_over_its_share_shrinks_by_at_most_what_it_consumed() -> None:
 
 def test_shares_never_drop_below_the_initial_window() -> None:
     client, server = pair(max_window=4 * INITIAL_WINDOW, receive_budget=INITIAL_WINDOW)
-    streams = [client.open_stream() for _ in range(3)]
-    roundtrip(client, server)
+    streams = _open(client, server, 3)
     now = 100.0
     for _ in range(6):
         now += _ROUND
@@ -471,9 +474,8 @@ def test_shares_never_drop_below_the_initial_window() -> None:
 
 def test_a_closed_bulk_stream_stops_taking_a_share() -> None:
     budget = 4 * INITIAL_WINDOW
-    client, server = pair(max_window=budget, receive_budget=budget)
-    a, b = client.open_stream(), client.open_stream()
-    roundtrip(client, server)
+    client, server = _budget_pair(budget)
+    a, b = _open(client, server, 2)
     now = _rounds(client, server, [a, b], 100.0, _PAST_HORIZON + 4)
     assert server.receive_window(a) == server.receive_window(b) == budget // 2
     client.reset_stream(b)
