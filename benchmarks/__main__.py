@@ -14,6 +14,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,7 @@ from .common import (
     PathSpec,
     Processes,
     ProcessSampler,
+    Throughput,
     have_tools,
     iperf3_ready,
     iperf3_throughput,
@@ -68,10 +70,17 @@ class Params:
     workers: int
     busy_samples: int
     bulk_flows: int
+    #: iperf3 runs per throughput figure (1 flow and 8 flows, alternating); the figure is
+    #: their median, as a single run on a shared 2-core machine moves ±10% or more.
+    repeats: int
 
 
-QUICK = Params(seconds=1, samples=50, flow_seconds=1, workers=2, busy_samples=30, bulk_flows=2)
-FULL = Params(seconds=5, samples=1000, flow_seconds=5, workers=4, busy_samples=300, bulk_flows=4)
+QUICK = Params(
+    seconds=1, samples=50, flow_seconds=1, workers=2, busy_samples=30, bulk_flows=2, repeats=1
+)
+FULL = Params(
+    seconds=5, samples=1000, flow_seconds=5, workers=4, busy_samples=300, bulk_flows=4, repeats=3
+)
 # Seconds between two round trips of the interactive flow (someone typing, not a flood).
 RTT_PACE = 0.01
 
@@ -126,7 +135,7 @@ def unavailable(spec: PathSpec) -> str | None:
 
 def measure(
     path: DataPath, iperf_port: int, echo_port: int, params: Params
-) -> dict[str, float | int | dict[str, float | None] | None]:
+) -> dict[str, float | int | list[float] | dict[str, float | None] | None]:
     """Every figure for one path: throughput, then the new-flow workloads, then an open
     flow's round trips under bulk load (all echo workloads on one setup of the path)."""
     port = path.setup(iperf_port)
@@ -134,8 +143,11 @@ def measure(
         iperf3_ready(port)
         hops = path_hops(path)
         sampler = ProcessSampler(path.pids()).start()
-        one = iperf3_throughput(port, params.seconds, parallel=1)
-        eight = iperf3_throughput(port, params.seconds, parallel=8)
+        ones: list[Throughput] = []
+        eights: list[Throughput] = []
+        for _ in range(params.repeats):
+            ones.append(iperf3_throughput(port, params.seconds, parallel=1))
+            eights.append(iperf3_throughput(port, params.seconds, parallel=8))
         rss_a, cpu = sampler.stop()
         cpu_by_root = sampler.cpu_by_root
         has_procs = bool(sampler.roots)
@@ -150,14 +162,17 @@ def measure(
         rss_b, _ = sampler.stop()
     finally:
         path.teardown()
-    gigabytes = (one.bytes + eight.bytes) / 1e9
+    gigabytes = sum(run.bytes for run in (*ones, *eights)) / 1e9
 
     def per_gb(seconds: float) -> float | None:
         return seconds / gigabytes if has_procs and gigabytes > 0 else None
 
     return {
-        "throughput_1_gbps": one.bits_per_second / 1e9,
-        "throughput_8_gbps": eight.bits_per_second / 1e9,
+        "throughput_1_gbps": statistics.median(run.bits_per_second for run in ones) / 1e9,
+        "throughput_8_gbps": statistics.median(run.bits_per_second for run in eights) / 1e9,
+        # Every run, in order, so the spread behind each median is on record.
+        "throughput_1_runs_gbps": [run.bits_per_second / 1e9 for run in ones],
+        "throughput_8_runs_gbps": [run.bits_per_second / 1e9 for run in eights],
         "latency_p50_ms": percentile(lat, 50) * 1e3,
         "latency_p99_ms": percentile(lat, 99) * 1e3,
         "flows_per_s": rate.per_second,
@@ -271,6 +286,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="where to write the results (default: benchmarks/results/latest.json)",
     )
     parser.add_argument("--seconds", type=float, help="iperf3 duration per run")
+    parser.add_argument(
+        "--repeats", type=int, help="iperf3 runs per throughput figure (the median is shown)"
+    )
     parser.add_argument("--samples", type=int, help="new-flow latency samples")
     parser.add_argument("--flow-seconds", type=float, help="sustained new-flow duration")
     parser.add_argument("--workers", type=int, help="sustained new-flow worker processes")
@@ -289,9 +307,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=args.workers or base.workers,
         busy_samples=args.busy_samples or base.busy_samples,
         bulk_flows=args.bulk_flows or base.bulk_flows,
+        repeats=args.repeats or base.repeats,
     )
-    if params.busy_samples < 1 or params.bulk_flows < 1:
-        parser.error("--busy-samples and --bulk-flows must be positive")
+    if params.busy_samples < 1 or params.bulk_flows < 1 or params.repeats < 1:
+        parser.error("--busy-samples, --bulk-flows and --repeats must be positive")
     selected = specs
     if args.only:
         names = [n.strip() for group in args.only for n in group.split(",") if n.strip()]
@@ -352,6 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "workers": params.workers,
                 "busy_samples": params.busy_samples,
                 "bulk_flows": params.bulk_flows,
+                "repeats": params.repeats,
                 "rtt_pace_s": RTT_PACE,
             },
             "elapsed_s": round(time.monotonic() - started, 1),

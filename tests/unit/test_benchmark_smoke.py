@@ -18,6 +18,7 @@ import os
 import shutil
 import socket
 import socketserver
+import statistics
 import subprocess
 import sys
 import threading
@@ -61,12 +62,16 @@ def test_quick_run_measures_direct_and_limen(tmp_path: Path, limen_path: str) ->
     out_json = tmp_path / "bench.json"
     paths = ["direct", limen_path]
     done = _run_suite(
-        ["--quick", "--no-install", "--only", ",".join(paths), "--json", str(out_json)]
+        [
+            *("--quick", "--no-install", "--repeats", "2"),
+            *("--only", ",".join(paths), "--json", str(out_json)),
+        ]
     )
     assert done.returncode == 0, done.stdout[-4000:]
 
     report: dict[str, Any] = json.loads(out_json.read_text())
     assert report["meta"]["quick"] is True
+    assert report["meta"]["params"]["repeats"] == 2
     results = report["results"]
     assert set(results) == set(paths)
     for name in paths:
@@ -74,6 +79,11 @@ def test_quick_run_measures_direct_and_limen(tmp_path: Path, limen_path: str) ->
         assert "error" not in figures and "skipped" not in figures, (name, figures)
         assert figures["throughput_1_gbps"] > 0, name
         assert figures["throughput_8_gbps"] > 0, name
+        # Each throughput figure is the median of its runs, every run kept.
+        for flows in (1, 8):
+            runs = figures[f"throughput_{flows}_runs_gbps"]
+            assert len(runs) == 2 and all(r > 0 for r in runs), (name, runs)
+            assert figures[f"throughput_{flows}_gbps"] == pytest.approx(statistics.median(runs))
         # Latency percentiles come from the samples: present means samples were taken.
         assert figures["latency_p50_ms"] > 0, name
         assert figures["latency_p99_ms"] >= figures["latency_p50_ms"], name
