@@ -8,6 +8,7 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import cast
 
 import pytest
 
@@ -191,3 +192,70 @@ def test_min_rtt_of_a_socket_that_is_not_tcp_is_unknown() -> None:
     near, far = socket.socketpair()
     with near, far:
         assert tcp_min_rtt(near) is None
+
+
+class _CountingWrites:
+    """Counts the connection's transport writes (one per TLS record over TLS)."""
+
+    def __init__(self, conn: MuxConnection) -> None:
+        assert conn.transport is not None
+        self.transport = conn.transport
+        self.real = conn.transport.write
+        self.count = 0
+        conn.transport = cast(asyncio.Transport, self)
+
+    def write(self, data: Buffer) -> None:
+        self.count += 1
+        self.real(data)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.transport, name)
+
+
+async def _accepted_with_collector(accepted: asyncio.Queue[MuxStream], near: MuxStream) -> Collect:
+    near.write(b"open")  # the far side learns of the stream from its first frame
+    far = await next_stream(accepted)
+    got = Collect()
+    far.attach(got)
+    await got.until(lambda d: d == b"open", "the opening bytes")
+    got.data.clear()
+    return got
+
+
+async def test_a_deferred_head_leaves_with_the_next_write_in_one_flush() -> None:
+    async with mux_pair() as (client, accepted):
+        near = client.open_stream()
+        got = await _accepted_with_collector(accepted, near)
+        writes = _CountingWrites(client)
+        near.write_deferred(b"HEAD|", delay=5.0)
+        near.write(b"first bytes")
+        assert writes.count == 1  # head and data in one transport write
+        await got.until(lambda d: d == b"HEAD|first bytes", "head then data")
+
+
+async def test_a_deferred_head_goes_alone_after_its_delay() -> None:
+    async with mux_pair() as (client, accepted):
+        near = client.open_stream()
+        got = await _accepted_with_collector(accepted, near)
+        near.write_deferred(b"HEAD", delay=0.01)
+        await got.until(lambda d: d == b"HEAD", "the head on its own")
+        near.write(b"|later")
+        await got.until(lambda d: d == b"HEAD|later", "later data after it, once")
+
+
+async def test_a_deferred_head_precedes_eof_and_is_dropped_by_an_abort() -> None:
+    async with mux_pair() as (client, accepted):
+        near = client.open_stream()
+        got = await _accepted_with_collector(accepted, near)
+        near.write_deferred(b"HEAD", delay=5.0)
+        near.write_eof()
+        await got.until(lambda d: d == b"HEAD" and got.eof, "the head, then EOF")
+
+        other = client.open_stream()
+        got2 = await _accepted_with_collector(accepted, other)
+        other.write_deferred(b"NEVER", delay=0.01)
+        other.abort()
+        # A later stream's bytes arrive; the aborted stream's head never does.
+        third = client.open_stream()
+        await _accepted_with_collector(accepted, third)
+        assert bytes(got2.data) == b""

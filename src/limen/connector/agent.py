@@ -53,6 +53,9 @@ CA_FILE = "ca.pem"
 #: Flow heads from the edge must arrive quickly; the edge sends them in one write.
 HEAD_TIMEOUT = 10.0
 HEARTBEAT_SECONDS = 1.0
+#: How long a flow's 200 may wait for the target's first bytes when the client spoke first.
+#: Nothing waits on it but the client's early-data hold (docs/protocol.md §4).
+ANSWER_WAIT = 0.002
 #: Header on the edge's data-path probes (limen.edge.health.PROBE_HEADER), lower-cased as
 #: FlowRequest keeps headers.
 PROBE_HEADER = "limen-probe"
@@ -566,7 +569,14 @@ class ConnectorAgent:
             )
             self._refuse(stream, 502, code, f"{request.host}:{request.port}: {exc.strerror}")
             return
-        stream.write(wire.encode_response(200))
+        answer = wire.encode_response(200)
+        if stream.held_bytes:
+            # The client spoke first (early data came with the head): the target's reply
+            # usually follows within a moment, and the answer waits for it (at most
+            # ANSWER_WAIT) so both travel in one record (docs/protocol.md §4).
+            stream.write_deferred(answer, ANSWER_WAIT)
+        else:
+            stream.write(answer)
         relay = Relay(stream, target)
         self.active_flows += 1
         try:

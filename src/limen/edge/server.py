@@ -538,7 +538,13 @@ class Edge:
             return
         link, target = opened
         try:
-            endpoint.write(wire.encode_response(200 if request.protocol == "tcp" else 101))
+            answer = wire.encode_response(200 if request.protocol == "tcp" else 101)
+            if request.protocol == "tcp" and isinstance(endpoint, MuxStream):
+                # Whatever the connector's answer brought (the target's first bytes) is
+                # relayed in this same turn of the loop: ours leaves with it, one record.
+                endpoint.write_deferred(answer, 0.0)
+            else:
+                endpoint.write(answer)
             if request.protocol == "udp":  # counts datagrams, polices capsules (edge/udp.py)
                 endpoint = edge_udp.DatagramCounter(endpoint, record, trailing)
             sent_early = len(early.data) if early is not None else 0

@@ -89,6 +89,8 @@ class MuxStream:
         "_backlog",
         "_backlog_eof",
         "_closed",
+        "_deferred",
+        "_deferred_timer",
         "_eof_pending",
         "_held",
         "_paused",
@@ -111,6 +113,9 @@ class MuxStream:
         self._backlog: list[bytes] = []
         self._backlog_eof = False
         self._closed = False
+        # A head waiting to go out with the next write (see write_deferred).
+        self._deferred: bytes | None = None
+        self._deferred_timer: asyncio.TimerHandle | None = None
         #: Free slot for the owner (e.g. the flow this stream carries).
         self.tag: object = None
 
@@ -138,6 +143,7 @@ class MuxStream:
         if self._closed:
             return
         self._closed = True
+        self._drop_deferred()
         receiver, self.receiver = self.receiver, None
         if receiver is not None:
             receiver.on_closed(error)
@@ -213,9 +219,42 @@ class MuxStream:
         if replay:
             self._backlog.insert(0, replay)
 
+    def write_deferred(self, head: bytes, delay: float) -> None:
+        """Send ``head`` together with the next write, EOF or close (one frame flush, so one
+        TLS record), or on its own after ``delay`` seconds, whichever comes first. A flow's
+        answer travels with the first bytes that follow it (docs/protocol.md §4): a record
+        less to encrypt, send and decrypt at every hop. ``delay=0`` waits for the rest of
+        this turn of the event loop only."""
+        if self._closed:
+            return
+        self._deferred = head
+        self._deferred_timer = self.conn.loop.call_later(delay, self._flush_deferred)
+
+    def _drop_deferred(self) -> None:
+        self._deferred = None
+        if self._deferred_timer is not None:
+            self._deferred_timer.cancel()
+            self._deferred_timer = None
+
+    def _take_deferred(self) -> None:
+        # Queue the deferred head in the session, unflushed: the caller's write follows it.
+        head = self._deferred
+        self._drop_deferred()
+        if head is not None and not self._closed:
+            with contextlib.suppress(LocalProtocolError):
+                self.conn.session.send_data(self.stream_id, head)
+
+    def _flush_deferred(self) -> None:
+        self._deferred_timer = None
+        if self._deferred is not None:
+            self._take_deferred()
+            self.conn.flush()
+
     def write(self, data: Buffer) -> None:
         if self._closed:
             return
+        if self._deferred is not None:
+            self._take_deferred()
         if self._pending is not None:
             # The caller ignored ``full``; keep the order, at the cost of one copy (the
             # relay never does: it pauses its source, which then holds what arrives).
@@ -232,6 +271,8 @@ class MuxStream:
     def write_eof(self) -> None:
         if self._closed:
             return
+        if self._deferred is not None:
+            self._take_deferred()
         if self._pending is not None:
             self._eof_pending = True
             return
@@ -247,6 +288,7 @@ class MuxStream:
         if self._closed:
             return
         self._closed = True
+        self._drop_deferred()
         self.receiver = None
         self.conn.session.reset_stream(self.stream_id)
         self.conn.streams.pop(self.stream_id, None)
