@@ -305,7 +305,8 @@ def iperf3_ready(port: int, attempts: int = 20) -> None:
 def iperf3_throughput(port: int, seconds: float, parallel: int = 1) -> Throughput:
     """Run ``iperf3 -c 127.0.0.1 -p port -t seconds -P parallel -J``; receiver-side figures.
 
-    Retries only while the server says it is busy (still closing the previous test).
+    Retries only while the server is between tests: it says it is busy (still closing the
+    previous test), or its listener refuses for a moment (iperf3 reopens it after a test).
     """
     argv = ["iperf3", "-c", LOOPBACK, "-p", str(port), "-t", str(seconds), "-J"]
     argv += ["-P", str(parallel)]
@@ -315,7 +316,7 @@ def iperf3_throughput(port: int, seconds: float, parallel: int = 1) -> Throughpu
         if report is not None:
             received = report["end"]["sum_received"]
             return Throughput(float(received["bits_per_second"]), int(received["bytes"]))
-        if "busy" not in last:
+        if "busy" not in last and "Connection refused" not in last:
             break
         time.sleep(0.5)
     raise BenchmarkError(f"iperf3 -P {parallel} via port {port} failed: {last}")
