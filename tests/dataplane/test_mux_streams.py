@@ -222,10 +222,18 @@ async def _accepted_with_collector(accepted: asyncio.Queue[MuxStream], near: Mux
     return got
 
 
-async def test_a_deferred_head_leaves_with_the_next_write_in_one_flush() -> None:
+@asynccontextmanager
+async def _a_stream_and_its_far_end() -> AsyncIterator[
+    tuple[MuxConnection, asyncio.Queue[MuxStream], MuxStream, Collect]
+]:
+    """A mux pair, one open stream on the near side, and what its far end receives."""
     async with mux_pair() as (client, accepted):
         near = client.open_stream()
-        got = await _accepted_with_collector(accepted, near)
+        yield client, accepted, near, await _accepted_with_collector(accepted, near)
+
+
+async def test_a_deferred_head_leaves_with_the_next_write_in_one_flush() -> None:
+    async with _a_stream_and_its_far_end() as (client, _, near, got):
         writes = _CountingWrites(client)
         near.write_deferred(b"HEAD|", delay=5.0)
         near.write(b"first bytes")
@@ -234,9 +242,7 @@ async def test_a_deferred_head_leaves_with_the_next_write_in_one_flush() -> None
 
 
 async def test_a_deferred_head_goes_alone_after_its_delay() -> None:
-    async with mux_pair() as (client, accepted):
-        near = client.open_stream()
-        got = await _accepted_with_collector(accepted, near)
+    async with _a_stream_and_its_far_end() as (_, _, near, got):
         near.write_deferred(b"HEAD", delay=0.01)
         await got.until(lambda d: d == b"HEAD", "the head on its own")
         near.write(b"|later")
@@ -244,9 +250,7 @@ async def test_a_deferred_head_goes_alone_after_its_delay() -> None:
 
 
 async def test_a_deferred_head_precedes_eof_and_is_dropped_by_an_abort() -> None:
-    async with mux_pair() as (client, accepted):
-        near = client.open_stream()
-        got = await _accepted_with_collector(accepted, near)
+    async with _a_stream_and_its_far_end() as (client, accepted, near, got):
         near.write_deferred(b"HEAD", delay=5.0)
         near.write_eof()
         await got.until(lambda d: d == b"HEAD" and got.eof, "the head, then EOF")
