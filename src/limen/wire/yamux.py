@@ -91,6 +91,8 @@ BULK_HORIZON = 0.5
 #: behind. Measured with four bulk flows beside a typing-paced one (docs/performance.md):
 #: 1/4 gave a round trip of ~32 ms at p50, 1/8 ~20 ms, for the same bulk rate.
 INTERACTIVE_BUDGET_DIVISOR = 8
+# The map of recently active streams is pruned of stale entries when it outgrows this, and
+# then when it outgrows twice its live size (amortised constant time per update).
 _RECENT_PRUNE_AT = 64
 #: A peer may hold at most this many streams open on one connection; beyond it, new streams
 #: are refused with RST (not a connection error) so one client cannot exhaust an edge.
