@@ -62,7 +62,7 @@ class Store:
             session.commit()
         except SQLAlchemyError as exc:
             session.rollback()
-            raise StoreError(f"database error: {exc.__class__.__name__}") from exc
+            raise _store_error(exc) from exc
         except BaseException:
             session.rollback()
             raise
@@ -77,7 +77,7 @@ class Store:
             with self.engine.begin() as conn:
                 yield conn
         except SQLAlchemyError as exc:
-            raise StoreError(f"database error: {exc.__class__.__name__}") from exc
+            raise _store_error(exc) from exc
 
     def bump_config_version(self, session: Session) -> None:
         """Mark configuration as changed (inside the caller's unit of work)."""
@@ -90,6 +90,11 @@ class Store:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _store_error(exc: SQLAlchemyError) -> StoreError:
+    # The driver's message can quote statement parameters (user data): only the type leaves.
+    return StoreError(f"database error: {exc.__class__.__name__}")
 
 
 def _sqlite_pragmas(dbapi_conn: object, _record: object) -> None:
