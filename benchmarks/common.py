@@ -302,11 +302,17 @@ def iperf3_ready(port: int, attempts: int = 20) -> None:
     raise BenchmarkError(f"iperf3 via port {port} never worked: {last}")
 
 
+# What iperf3 clients print when its server is between two tests (see iperf3_throughput).
+_BETWEEN_TESTS = ("busy", "Connection refused", "control socket has closed unexpectedly")
+
+
 def iperf3_throughput(port: int, seconds: float, parallel: int = 1) -> Throughput:
     """Run ``iperf3 -c 127.0.0.1 -p port -t seconds -P parallel -J``; receiver-side figures.
 
-    Retries only while the server is between tests: it says it is busy (still closing the
-    previous test), or its listener refuses for a moment (iperf3 reopens it after a test).
+    Retries (at most 4 times) only while the server is between tests: it says it is busy
+    (still closing the previous test), or its listener refuses for a moment (iperf3 reopens
+    it after a test). Through a forwarder that refusal reaches the client as its control
+    connection closing at once, so that is retried too.
     """
     argv = ["iperf3", "-c", LOOPBACK, "-p", str(port), "-t", str(seconds), "-J"]
     argv += ["-P", str(parallel)]
@@ -316,7 +322,7 @@ def iperf3_throughput(port: int, seconds: float, parallel: int = 1) -> Throughpu
         if report is not None:
             received = report["end"]["sum_received"]
             return Throughput(float(received["bits_per_second"]), int(received["bytes"]))
-        if "busy" not in last and "Connection refused" not in last:
+        if not any(sign in last for sign in _BETWEEN_TESTS):
             break
         time.sleep(0.5)
     raise BenchmarkError(f"iperf3 -P {parallel} via port {port} failed: {last}")
